@@ -1,0 +1,122 @@
+"""Text side (server part): text -> one query vector per expert, plus what it resolved to.
+
+Each ``TextSpec.kind`` of a manifest names a registered ``TextSide`` factory:
+- ``label_bridge``: sentence encoder over label texts -> sparse softmax weights (labels space),
+- ``joint``: a text tower that gives a unit vector (CLAP),
+- ``projected``: a trained text projection (mixture of experts).
+``build_query`` turns a text into a signed-ready ``QueryMessage`` for a bundle.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..bundle import Bundle, TextSpec
+from ..errors import BundleError, QueryRejected
+from ..policy import PolicyOverlay
+from ..protocol import SCHEMA, QueryMessage, VectorPayload, utcnow
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What a text resolved to for one expert, for ``explain`` and ``alerts add``."""
+
+    expert: str
+    vector: VectorPayload
+    top: list[tuple[str, float]]  # (label or caption, weight or similarity), best first
+    fit: float  # best similarity of the text to anything the expert knows (cosine)
+    warning: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TextSide(ABC):
+    """Maps text to one expert's query vector."""
+
+    expert: str
+
+    @abstractmethod
+    def resolve(self, text: str) -> Resolution: ...
+
+
+_REGISTRY: dict[str, Callable[[Bundle, TextSpec], TextSide]] = {}
+_MODULES: dict[str, str] = {
+    "label_bridge": "edge_retrieval.text.label_bridge",
+    "joint": "edge_retrieval.text.joint",
+    "projected": "edge_retrieval.text.projected",
+}
+
+
+def register_text_side(kind: str) -> Callable[[Callable[[Bundle, TextSpec], TextSide]], Callable[[Bundle, TextSpec], TextSide]]:
+    def deco(factory: Callable[[Bundle, TextSpec], TextSide]) -> Callable[[Bundle, TextSpec], TextSide]:
+        _REGISTRY[kind] = factory
+        return factory
+
+    return deco
+
+
+def make_text_side(bundle: Bundle, spec: TextSpec) -> TextSide:
+    if spec.kind not in _REGISTRY and spec.kind in _MODULES:
+        importlib.import_module(_MODULES[spec.kind])
+    if spec.kind not in _REGISTRY:
+        raise BundleError(f"unknown text side {spec.kind!r}; known: {sorted(set(_REGISTRY) | set(_MODULES))}")
+    return _REGISTRY[spec.kind](bundle, spec)
+
+
+class QueryBuilder:
+    """All text sides of a bundle, loaded once (the server keeps one)."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        server = bundle.require_server()
+        self.bundle = bundle
+        self.sides = [make_text_side(bundle, spec) for spec in server.text]
+        self.gating = server.gating
+
+    def resolve(self, text: str) -> list[Resolution]:
+        text = (text or "").strip()
+        if not text:
+            raise QueryRejected("query text is empty")
+        if len(text) > 500:
+            raise QueryRejected(f"query text is {len(text)} characters, limit 500")
+        return [side.resolve(text) for side in self.sides]
+
+    def expert_weights(self, text: str, resolutions: list[Resolution]) -> list[float]:
+        """Per-expert weights: the gate's if the bundle has one (set by a resolution), else equal."""
+        gates = [r.extra.get("gate") for r in resolutions]
+        if all(g is not None for g in gates):
+            total = float(sum(gates)) or 1.0
+            return [float(g) / total for g in gates]
+        return [1.0 / len(resolutions)] * len(resolutions)
+
+    def build(
+        self,
+        text: str,
+        query_id: str,
+        threshold: float,
+        version: int = 1,
+        policy: PolicyOverlay | None = None,
+        expires: str | None = None,
+    ) -> tuple[QueryMessage, list[Resolution]]:
+        res = self.resolve(text)
+        lo = -1.0 if self.bundle.manifest.space.kind == "joint" else 0.0
+        if not lo <= threshold <= 1.0:
+            raise QueryRejected(f"threshold {threshold!r} is out of range [{lo}, 1] for a {self.bundle.manifest.space.kind} space")
+        msg = QueryMessage.model_validate(
+            {
+                "schema": SCHEMA,
+                "query_id": query_id,
+                "version": version,
+                "text": text.strip(),
+                "space_id": self.bundle.manifest.space.id,
+                "vectors": [r.vector.model_dump(exclude_none=True) for r in res],
+                "weights": self.expert_weights(text, res),
+                "threshold": threshold,
+                "policy": policy.model_dump(exclude_none=True) if policy else None,
+                "created": utcnow(),
+                "expires": expires,
+            }
+        )
+        return msg, res
