@@ -100,7 +100,7 @@ class AudioExpert:
         self.name = spec.name
         self.sample_rate = spec.sample_rate
         self.window_samples = int(round(spec.window_s * spec.sample_rate))
-        self.frontend = make_frontend(spec.frontend.kind, spec.frontend.params)
+        self.frontend = make_frontend(spec.frontend.kind, spec.frontend.params, root=bundle.root)
         for o in extra_outputs:
             if o not in spec.extra_outputs:
                 raise BundleError(f"expert {spec.name!r} has no extra output {o!r}; has {sorted(spec.extra_outputs)}")

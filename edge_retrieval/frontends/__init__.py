@@ -3,12 +3,15 @@
 A manifest's ``frontend.kind`` names the key; ``frontend.params`` are parsed by the front end's
 frozen dataclass. A new model family registers here and never edits the daemon.
 Modules that register front ends are imported lazily by ``make_frontend``.
+A front end whose constants live in a bundle file registers with ``needs_root=True``; its
+factory is then called as ``factory(params, root)`` with the bundle root (or None).
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -22,6 +25,7 @@ class Frontend(Protocol):
 
 
 _REGISTRY: dict[str, Callable[[dict[str, Any]], Frontend]] = {}
+_NEEDS_ROOT: set[str] = set()  # kinds whose factory takes (params, root)
 # key -> module that registers it (imported on first use)
 _MODULES: dict[str, str] = {
     "in-graph": "edge_retrieval.frontends",
@@ -31,22 +35,29 @@ _MODULES: dict[str, str] = {
 }
 
 
-def register_frontend(kind: str) -> Callable[[Callable[[dict[str, Any]], Frontend]], Callable[[dict[str, Any]], Frontend]]:
-    def deco(factory: Callable[[dict[str, Any]], Frontend]) -> Callable[[dict[str, Any]], Frontend]:
+def register_frontend(
+    kind: str, needs_root: bool = False
+) -> Callable[[Callable[..., Frontend]], Callable[..., Frontend]]:
+    def deco(factory: Callable[..., Frontend]) -> Callable[..., Frontend]:
         _REGISTRY[kind] = factory
+        if needs_root:
+            _NEEDS_ROOT.add(kind)
         return factory
 
     return deco
 
 
-def make_frontend(kind: str, params: dict[str, Any]) -> Frontend:
+def make_frontend(kind: str, params: dict[str, Any], root: str | Path | None = None) -> Frontend:
+    """Build a front end; ``root`` (the bundle directory) resolves files its params name."""
     if kind not in _REGISTRY and kind in _MODULES:
         importlib.import_module(_MODULES[kind])
     if kind not in _REGISTRY:
         raise BundleError(f"unknown front end {kind!r}; known: {sorted(set(_REGISTRY) | set(_MODULES))}")
     try:
+        if kind in _NEEDS_ROOT:
+            return _REGISTRY[kind](params, None if root is None else Path(root))
         return _REGISTRY[kind](params)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, KeyError) as exc:
         raise BundleError(f"front end {kind!r}: bad parameters {params!r} ({exc})") from exc
 
 

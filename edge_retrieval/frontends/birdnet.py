@@ -1,0 +1,140 @@
+"""BirdNET 2.4 spectrogram in numpy: the part of the tflite graph that no converter handles.
+
+The graph rescales each window to [-1, 1] (min-max), takes two STFTs (frame 2048 / hop 278 and
+frame 1024 / hop 280, Hann), keeps only the **real** part of each spectrum, applies a 96-bin mel
+matrix, squares, raises to a learned power, flips the mel axis and stacks the branches as
+channels: ``[B, 96, 511, 2]``. Every number comes from the bundle: the manifest's params and
+the constants npz they name (windows, mel matrices), both read from the tflite at export.
+
+The real part of a DFT is linear in the samples, so window, cosine transform and mel matrix
+fold into one ``[frame, 96]`` matrix per branch: one matmul per branch per batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import BundleError
+from . import Frontend, register_frontend
+
+_SUPPORTED = {
+    "rescale": "minmax_-1_1",
+    "spectrum": "real",
+    "square": True,
+    "flip_mels": True,
+    "layout": "B,mels,frames,branch",
+}
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One STFT branch: frame length and hop in samples, mel bins, power after squaring."""
+
+    frame: int
+    hop: int
+    n_mels: int
+    power: float
+
+
+@dataclass(frozen=True)
+class BirdnetParams:
+    """Front-end parameters as the manifest states them (``constants`` is a bundle file)."""
+
+    sample_rate: int
+    window_samples: int
+    eps: float
+    branches: tuple[Branch, ...]
+    constants: str
+    rescale: str = "minmax_-1_1"
+    spectrum: str = "real"
+    square: bool = True
+    flip_mels: bool = True
+    layout: str = "B,mels,frames,branch"
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any]) -> BirdnetParams:
+        p = dict(params)
+        branches = tuple(Branch(**b) for b in p.pop("branches"))
+        out = cls(branches=branches, **p)
+        for key, want in _SUPPORTED.items():
+            if getattr(out, key) != want:
+                raise ValueError(f"{key}={getattr(out, key)!r} is not supported (expected {want!r})")
+        if not branches:
+            raise ValueError("no STFT branches")
+        frames = {out.n_frames(b) for b in branches}
+        if len(frames) != 1:
+            raise ValueError(f"branches give different frame counts {sorted(frames)}")
+        return out
+
+    def n_frames(self, b: Branch) -> int:
+        return (self.window_samples - b.frame) // b.hop + 1
+
+
+def fold_branch(window: np.ndarray, mel: np.ndarray) -> np.ndarray:
+    """``[frame, n_mels]`` matrix = diag(window) @ Re(DFT) @ mel.T, computed in float64."""
+    frame = window.shape[0]
+    n_bins = frame // 2 + 1
+    if mel.shape[1] != n_bins:
+        raise ValueError(f"mel matrix has {mel.shape[1]} bins, frame {frame} needs {n_bins}")
+    n = np.arange(frame, dtype=np.int64)
+    k = np.arange(n_bins, dtype=np.int64)
+    cos = np.cos(2.0 * np.pi * ((np.outer(n, k) % frame) / frame))  # exact phase, no drift
+    return ((window.astype(np.float64)[:, None] * cos) @ mel.astype(np.float64).T).astype(np.float32)
+
+
+class BirdnetFrontend:
+    """``windows [B, 144000] float32 -> [B, 96, 511, 2] float32`` (the backbone's input)."""
+
+    def __init__(self, params: BirdnetParams, arrays: dict[str, np.ndarray]) -> None:
+        self.params = params
+        self.matrices: list[np.ndarray] = []
+        for i, b in enumerate(params.branches, start=1):
+            try:
+                window, mel = arrays[f"window{i}"], arrays[f"mel{i}"]
+            except KeyError as exc:
+                raise ValueError(f"constants lack {exc.args[0]!r}") from exc
+            if window.shape != (b.frame,) or mel.shape[0] != b.n_mels:
+                raise ValueError(f"branch {i}: window {window.shape} / mel {mel.shape} do not match {b}")
+            self.matrices.append(fold_branch(window, mel))
+        self.n_frames = params.n_frames(params.branches[0])
+
+    def __call__(self, windows: np.ndarray) -> np.ndarray:
+        p = self.params
+        x = np.asarray(windows, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != p.window_samples:
+            raise ValueError(f"expected windows [B, {p.window_samples}], got {list(x.shape)}")
+        x = x - x.min(axis=1, keepdims=True)
+        x = x / (x.max(axis=1, keepdims=True) + np.float32(p.eps))
+        x = (x - np.float32(0.5)) * np.float32(2.0)
+        out = np.empty((x.shape[0], p.branches[0].n_mels, self.n_frames, len(p.branches)), np.float32)
+        for c, (b, m) in enumerate(zip(p.branches, self.matrices, strict=True)):
+            frames = np.lib.stride_tricks.sliding_window_view(x, b.frame, axis=1)[:, :: b.hop][:, : self.n_frames]
+            spec = np.ascontiguousarray(frames) @ m  # [B, frames, mels]
+            spec = np.square(spec, out=spec)
+            spec = np.power(spec, np.float32(b.power), out=spec)
+            out[..., c] = spec[:, :, ::-1].transpose(0, 2, 1)
+        return out
+
+
+def load_constants(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k].astype(np.float32) for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"cannot read BirdNET front-end constants {str(path)!r}: {exc}") from exc
+
+
+@register_frontend("birdnet", needs_root=True)
+def make_birdnet(params: dict[str, Any], root: Path | None = None) -> Frontend:
+    """Factory: params from the manifest, constants from ``root / params['constants']``."""
+    p = BirdnetParams.from_dict(params)
+    path = Path(p.constants)
+    if not path.is_absolute():
+        if root is None:
+            raise ValueError(f"constants file {p.constants!r} is relative and no bundle root was given")
+        path = Path(root) / path
+    return BirdnetFrontend(p, load_constants(path))
