@@ -534,20 +534,19 @@ def merged_dict(
     data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, base_dir: Path | None = None
 ) -> dict[str, Any]:
     """Profile (if named) <- file <- overrides, as one plain dict, before validation."""
-    layers = [dict(data)]
-    if overrides:
-        layers.append(dict(overrides))
-    top = deep_merge(layers[0], layers[1]) if len(layers) > 1 else layers[0]
+    top = deep_merge(data, overrides or {})  # copies: the caller's dict is never changed
     name = top.get("profile")
-    if name is None:
-        return top
-    ppath = _profile_path(name, base_dir)
-    prof = _read_toml(ppath, "profile")
-    if "profile" in prof:
-        raise ConfigError(
-            f"profile {str(ppath)!r}: a profile cannot name another profile (expected no 'profile' key)"
-        )
-    return deep_merge(prof, top)
+    if name is not None:
+        ppath = _profile_path(name, base_dir)
+        prof = _read_toml(ppath, "profile")
+        if "profile" in prof:
+            raise ConfigError(
+                f"profile {str(ppath)!r}: a profile cannot name another profile (expected no 'profile' key)"
+            )
+        top = deep_merge(prof, top)
+    if top.get("mqtt") is False:  # `mqtt = false` in a device file: local only, drop the profile's broker
+        del top["mqtt"]
+    return top
 
 
 def validate_config(
