@@ -1,0 +1,341 @@
+"""MQTT transport on paho-mqtt 2.x: ``publish``, ``subscribe``, ``stop`` and a connection status.
+
+The broker link is an operational state, never an exception that stops the daemon: paho's
+network thread (``loop_start``) reconnects with exponential backoff (``reconnect_delay_set``),
+subscriptions are renewed on every connect, a retained "online" message is re-published on
+every connect and the broker publishes the retained last will when the link dies. Caller
+mistakes (a bad URL, a missing TLS file) raise TransportError / ConfigError at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from .errors import ConfigError, TransportError
+
+log = logging.getLogger(__name__)
+
+URL_FORM = "mqtt://host[:port] or mqtts://host[:port]"
+MessageHandler = Callable[[str, bytes, bool], None]  # topic, payload, retained
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """A parsed broker URL."""
+
+    host: str
+    port: int
+    tls: bool
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """``mqtt://host[:port]`` (1883) or ``mqtts://host[:port]`` (8883); credentials never in the URL."""
+    try:
+        u = urlsplit(str(url))
+        port = u.port
+    except ValueError as exc:
+        raise ConfigError(f"broker URL {str(url)[:120]!r} is not valid (expected {URL_FORM})") from exc
+    if u.username is not None or u.password is not None:
+        raise ConfigError(f"credentials in the broker URL are not allowed (expected {URL_FORM}; use a credentials file)")
+    if u.scheme not in ("mqtt", "mqtts") or not u.hostname or u.path not in ("", "/") or u.query:
+        raise ConfigError(f"broker URL {str(url)[:120]!r} is not valid (expected {URL_FORM})")
+    tls = u.scheme == "mqtts"
+    return BrokerAddress(u.hostname, port or (8883 if tls else 1883), tls)
+
+
+def read_credentials_file(path: str | Path) -> tuple[str, str]:
+    """``user`` and ``password`` from two lines, or one ``user:password`` line (never logged)."""
+    p = Path(path)
+    try:
+        lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read credentials file {str(p)!r} (expected a readable text file)") from exc
+    if len(lines) == 1 and ":" in lines[0]:
+        user, _, pw = lines[0].partition(":")
+    elif len(lines) == 2:
+        user, pw = lines
+    else:
+        raise ConfigError(
+            f"credentials file {str(p)!r} has an unexpected layout (expected two lines user/password, or user:password)"
+        )
+    if not user or not pw:
+        raise ConfigError(f"credentials file {str(p)!r} has an empty user or password")
+    return user, pw
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """CA bundle and, for mutual TLS, the client certificate and key (PEM files)."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+
+@dataclass(frozen=True)
+class Will:
+    """A retained message the broker publishes for us when the link dies."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+class MqttTransport:
+    """One broker link. Thread-safe; callbacks run on paho's network thread and must be quick.
+
+    ``on_connect`` callbacks run after every (re)connect, after subscriptions are renewed;
+    ``on_publish(mid)`` runs when the broker acknowledges a QoS 1 message (PUBACK).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        *,
+        tls: TlsFiles | None = None,
+        credentials: tuple[str, str] | None = None,
+        will: Will | None = None,
+        online: Will | None = None,
+        keepalive_s: int = 30,
+        clean_session: bool = False,
+        min_backoff_s: int = 1,
+        max_backoff_s: int = 30,
+        max_queued: int = 0,
+    ) -> None:
+        self.address = parse_broker_url(url)
+        if tls is not None and not self.address.tls:
+            raise ConfigError(f"TLS files are set but the URL {url!r} is mqtt:// (expected mqtts://)")
+        self.client_id = client_id
+        self._online = online
+        self._subs: dict[str, tuple[int, MessageHandler]] = {}
+        self._lock = threading.Lock()
+        self._connect_cbs: list[Callable[[], None]] = []
+        self._disconnect_cbs: list[Callable[[], None]] = []
+        self._publish_cbs: list[Callable[[int], None]] = []
+        self._connected = threading.Event()
+        self._started = False
+        self.state = "new"  # new | connecting | connected | disconnected | refused | stopped
+        self.last_error: str | None = None
+        self.connects = 0
+        self.disconnects = 0
+
+        c = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=clean_session,
+            protocol=mqtt.MQTTv311,
+            reconnect_on_failure=True,
+        )
+        c.enable_logger(logging.getLogger("paho.mqtt"))
+        c.reconnect_delay_set(min_backoff_s, max_backoff_s)
+        c.max_queued_messages_set(max_queued)
+        c.max_inflight_messages_set(100)
+        if credentials is not None:
+            c.username_pw_set(credentials[0], credentials[1])
+        if self.address.tls:
+            ca = str(tls.ca) if tls else None
+            for label, p in (("ca", tls and tls.ca), ("cert", tls and tls.cert), ("key", tls and tls.key)):
+                if p is not None and not Path(p).is_file():
+                    raise ConfigError(f"TLS {label} file {str(p)!r} does not exist (expected a PEM file)")
+            try:
+                c.tls_set(
+                    ca_certs=ca,
+                    certfile=str(tls.cert) if tls and tls.cert else None,
+                    keyfile=str(tls.key) if tls and tls.key else None,
+                    cert_reqs=ssl.CERT_REQUIRED,
+                    tls_version=ssl.PROTOCOL_TLS_CLIENT,
+                )
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                raise TransportError(f"cannot load TLS files for {self.address.url}: {exc}") from exc
+        if will is not None:
+            c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_publish = self._on_publish
+        c.on_message = self._on_message
+        c.on_connect_fail = self._on_connect_fail
+        self._client = c
+        self._keepalive = int(keepalive_s)
+
+    @classmethod
+    def from_config(cls, mq: Any, client_id: str, **kw: Any) -> MqttTransport:
+        """Build from a ``DeviceConfig.mqtt`` section (edge_retrieval.config.MqttSection)."""
+        tls = TlsFiles(mq.tls.ca, mq.tls.cert, mq.tls.key) if mq.tls is not None else None
+        creds = read_credentials_file(mq.credentials_file) if mq.credentials_file else None
+        return cls(mq.url, mq.client_id or client_id, tls=tls, credentials=creds, keepalive_s=mq.keepalive_s, **kw)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Connect in the background; failures become state + WARNING, and paho keeps retrying."""
+        if self._started:
+            return
+        self._started = True
+        self.state = "connecting"
+        try:
+            self._client.connect_async(self.address.host, self.address.port, keepalive=self._keepalive)
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"cannot connect to {self.address.url}: {exc}") from exc
+        self._client.loop_start()
+
+    def stop(self, final: Will | None = None, timeout_s: float = 3.0) -> None:
+        """Publish ``final`` (e.g. a retained "offline") if connected, then disconnect cleanly."""
+        if not self._started:
+            return
+        if final is not None and self.connected:
+            info = self._client.publish(final.topic, final.payload, qos=final.qos, retain=final.retain)
+            try:
+                info.wait_for_publish(timeout=timeout_s)
+            except (RuntimeError, ValueError):
+                pass
+        self.state = "stopped"
+        try:
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+            self._started = False
+            self._connected.clear()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    def add_connect_callback(self, cb: Callable[[], None]) -> None:
+        self._connect_cbs.append(cb)
+
+    def add_disconnect_callback(self, cb: Callable[[], None]) -> None:
+        self._disconnect_cbs.append(cb)
+
+    def add_publish_callback(self, cb: Callable[[int], None]) -> None:
+        self._publish_cbs.append(cb)
+
+    # ------------------------------------------------------------------ I/O
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> int | None:
+        """Queue a message; returns its mid, or None when the link is down (the caller keeps it)."""
+        if not self.connected:
+            return None
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            if info.rc == mqtt.MQTT_ERR_PAYLOAD_SIZE:
+                raise TransportError(f"payload for {topic!r} is too large for MQTT")
+            return None
+        return info.mid
+
+    def publish_wait(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False,
+                     timeout_s: float = 10.0) -> None:
+        """Publish and wait for the broker's acknowledgement (CLI use); raises TransportError."""
+        if not self.wait_connected(timeout_s):
+            raise TransportError(f"broker {self.address.url} is not reachable ({self.last_error or 'no connection'})")
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        try:
+            info.wait_for_publish(timeout=timeout_s)
+        except (RuntimeError, ValueError) as exc:
+            raise TransportError(f"publish to {topic!r} failed: {exc}") from exc
+        if not info.is_published():
+            raise TransportError(f"broker {self.address.url} did not acknowledge {topic!r} within {timeout_s:g} s")
+
+    def subscribe(self, topic: str, handler: MessageHandler, qos: int = 1) -> None:
+        """Subscribe now (if connected) and again after every reconnect."""
+        with self._lock:
+            self._subs[topic] = (qos, handler)
+        if self.connected:
+            self._client.subscribe(topic, qos=qos)
+
+    def unsubscribe(self, topic: str) -> None:
+        with self._lock:
+            self._subs.pop(topic, None)
+        if self.connected:
+            self._client.unsubscribe(topic)
+
+    # ------------------------------------------------------------------ paho callbacks
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            self.state = "refused"
+            self.last_error = str(reason_code)
+            log.warning("broker %s refused the connection: %s", self.address.url, reason_code)
+            return
+        self.state = "connected"
+        self.last_error = None
+        self.connects += 1
+        log.info("connected to %s as %s", self.address.url, self.client_id)
+        if self._online is not None:
+            client.publish(self._online.topic, self._online.payload, qos=self._online.qos, retain=self._online.retain)
+        with self._lock:
+            subs = list(self._subs.items())
+        if subs:
+            client.subscribe([(t, q) for t, (q, _) in subs])
+        self._connected.set()
+        for cb in list(self._connect_cbs):
+            try:
+                cb()
+            except Exception:  # noqa: BLE001 - a callback bug must not kill the network thread
+                log.exception("on-connect callback failed")
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        if self.state == "stopped":
+            return
+        self.state = "disconnected"
+        self.disconnects += int(was)
+        self.last_error = str(reason_code)
+        log.warning("lost broker %s (%s); reconnecting with backoff", self.address.url, reason_code)
+        for cb in list(self._disconnect_cbs):
+            try:
+                cb()
+            except Exception:  # noqa: BLE001
+                log.exception("on-disconnect callback failed")
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        if self.state != "stopped":
+            self.state = "disconnected"
+            self.last_error = "connection failed"
+            log.warning("cannot reach broker %s; retrying with backoff", self.address.url)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        for cb in list(self._publish_cbs):
+            try:
+                cb(mid)
+            except Exception:  # noqa: BLE001
+                log.exception("on-publish callback failed")
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            handlers = [h for t, (_, h) in self._subs.items() if mqtt.topic_matches_sub(t, msg.topic)]
+        for h in handlers:
+            try:
+                h(msg.topic, bytes(msg.payload), bool(msg.retain))
+            except Exception:  # noqa: BLE001 - one bad message must not stop the subscriber
+                log.exception("handler for %s failed", msg.topic)
+
+
+def wait_until(pred: Callable[[], bool], timeout_s: float, step_s: float = 0.05) -> bool:
+    """Poll ``pred`` until true or ``timeout_s`` passes (CLI and tests)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(step_s)
+    return pred()
