@@ -369,12 +369,6 @@ class MqttSection(_Section):
                 )
         return v
 
-    @model_validator(mode="after")
-    def _tls_scheme(self) -> MqttSection:
-        if self.tls is not None and urlsplit(self.url).scheme != "mqtts":
-            raise _at("url", "tls files are set but the url is mqtt:// (expected mqtts://host:8883 with tls)")
-        return self
-
     @property
     def host(self) -> str:
         return urlsplit(self.url).hostname or ""
@@ -386,6 +380,7 @@ class MqttSection(_Section):
 
     @property
     def use_tls(self) -> bool:
+        """TLS is on for mqtts:// only; ``tls`` files with mqtt:// are ignored (config check warns)."""
         return urlsplit(self.url).scheme == "mqtts"
 
     def credentials(self) -> tuple[str, str] | None:
@@ -563,14 +558,21 @@ def validate_config(
         cfg = DeviceConfig.model_validate(merged, context={"base_dir": base_dir, "check_files": check_files})
     except ValidationError as exc:
         problems = format_errors(exc)
-        raise ConfigError(
+        err = ConfigError(
             f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}:\n  "
             + "\n  ".join(problems)
-        ) from None  # the pydantic chain would repeat input values (secrets) in tracebacks
+        )
+        err.problems = problems  # type: ignore[attr-defined]
+        raise err from None  # the pydantic chain would repeat input values (secrets) in tracebacks
     except (TypeError, RecursionError) as exc:  # hostile nesting, non-string keys from a caller dict
         raise ConfigError(f"{source}: cannot validate ({exc.__class__.__name__}: {str(exc)[:120]})") from None
     log.debug("config %s: %s", source, cfg.redacted())
     return cfg
+
+
+def problems_of(exc: ConfigError) -> list[str]:
+    """The list of ``key.path: message`` lines of a ConfigError (one line for file-level errors)."""
+    return list(getattr(exc, "problems", None) or [str(exc)])
 
 
 def load_config(
@@ -777,6 +779,7 @@ __all__ = [
     "deep_merge",
     "format_errors",
     "load_config",
+    "problems_of",
     "read_credentials",
     "validate_config",
 ]
