@@ -10,6 +10,7 @@ pytest_plugins = [
         "tests.fixtures_bundles",
         "tests.fixtures_audio",
         "tests.fixtures_broker",
+        "tests.fixtures_clap",
     )
     if importlib.util.find_spec(name) is not None
 ]
