@@ -102,21 +102,35 @@ def parity(net: Any, onnx_path: Path, params: AisfxParams, n: int = 4, seed: int
     return report
 
 
-def add_expert(w: BundleWriter, params: AisfxParams | None = None,
-               projection_file: str | None = None, projection_digest: str | None = None) -> tuple[dict[str, Any], str]:
-    """Export aisfx into a bundle being written; returns (ExpertSpec dict, expert space digest)."""
+def frontend_spec(params: AisfxParams | None = None) -> FrontendSpec:
+    return FrontendSpec(kind="aisfx_logmel", params=(params or AisfxParams()).to_dict())
+
+
+def expert_spec(file: str = ONNX_FILE, params: AisfxParams | None = None, projection_file: str | None = None,
+                dim: int = EMBEDDING_DIM, parity_report: dict[str, Any] | None = None, name: str = EXPERT) -> dict[str, Any]:
+    """ExpertSpec fields for an aisfx expert (``dim`` is the projected size when a projection is set)."""
     p = params or AisfxParams()
+    return {
+        "name": name, "family": "aisfx", "sample_rate": p.sample_rate,
+        "window_s": p.window_samples / p.sample_rate, "frontend": frontend_spec(p).model_dump(), "file": file,
+        "precision": "fp32", "input_name": INPUT_NAME, "output_name": OUTPUT_NAME, "output_kind": "embedding",
+        "dim": dim, "projection_file": projection_file, "parity": parity_report,
+    }
+
+
+def space_digest(params: AisfxParams | None = None, projection_digest: str | None = None) -> str:
+    """This expert's part of the space id: checkpoint, front end, output, projection."""
+    return expert_space_digest(space_kind="ensemble", source_digest=sha256_file(checkpoint_path()),
+                               frontend=frontend_spec(params), output_name=OUTPUT_NAME,
+                               projection_digest=projection_digest)
+
+
+def add_expert(w: BundleWriter, params: AisfxParams | None = None, projection_file: str | None = None,
+               dim: int = EMBEDDING_DIM, projection_digest: str | None = None) -> tuple[dict[str, Any], str]:
+    """Export aisfx into a bundle being written; returns (ExpertSpec dict, expert space digest)."""
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "aisfx.onnx"
-        report = export_onnx(onnx_path, p)
+        report = export_onnx(onnx_path, params)
         w.add_file(onnx_path, ONNX_FILE, part="device")
-    frontend = FrontendSpec(kind="aisfx_logmel", params=p.to_dict())
-    spec = {
-        "name": EXPERT, "family": "aisfx", "sample_rate": p.sample_rate,
-        "window_s": p.window_samples / p.sample_rate, "frontend": frontend.model_dump(), "file": ONNX_FILE,
-        "precision": "fp32", "input_name": INPUT_NAME, "output_name": OUTPUT_NAME, "output_kind": "embedding",
-        "dim": EMBEDDING_DIM, "projection_file": projection_file, "parity": report,
-    }
-    digest = expert_space_digest(space_kind="ensemble", source_digest=sha256_file(checkpoint_path()),
-                                 frontend=frontend, output_name=OUTPUT_NAME, projection_digest=projection_digest)
-    return spec, digest
+    return (expert_spec(ONNX_FILE, params, projection_file, dim, report),
+            space_digest(params, projection_digest))
