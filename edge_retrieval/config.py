@@ -10,6 +10,7 @@ the config itself, and ``DeviceConfig.redacted()`` is what ``config show`` and l
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import platform
@@ -623,7 +624,10 @@ def _key_path(loc: tuple[Any, ...]) -> str:
         if isinstance(step, int):
             out += f"[{step}]"
         else:
-            out += ("." if out else "") + str(step)
+            k = str(step)
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", k):
+                k = json.dumps(k)  # a TOML quoted key: keeps odd names on one printable line
+            out += ("." if out else "") + k
     return out or "(top level)"
 
 
