@@ -299,3 +299,40 @@ def parse_event(payload: bytes | str) -> Event:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"]) or "(event)"
         raise QueryRejected(f"event field {loc}: {err['msg']}") from exc
+
+
+# --------------------------------------------------------------------------- device status
+
+
+class Status(BaseModel):
+    """What a device says on its status topic (schema 1).
+
+    ``type`` "state" (retained: "online" on connect, "offline" as the last will), "health"
+    (retained, periodic: real-time factor, dropped/gated windows, outbox depth, disk, clock)
+    or "rejection" (not retained: a query message this device refused, and why).
+    """
+
+    schema_: int = Field(default=SCHEMA, alias="schema")
+    type: Literal["state", "health", "rejection"]
+    device: str
+    time: str = Field(default_factory=utcnow)
+    state: Literal["online", "offline"] | None = None
+    health: dict[str, Any] | None = None
+    topic: str | None = None  # rejection: where the message came from
+    query_id: str | None = None
+    version: int | None = None
+    reason: str | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True))
+
+
+def parse_status(payload: bytes | str) -> Status:
+    try:
+        return Status.model_validate_json(payload)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "(status)"
+        raise QueryRejected(f"status field {loc}: {err['msg']}") from exc
