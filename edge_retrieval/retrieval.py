@@ -1,113 +1,30 @@
 """Offline retrieval shared by archive search and evaluation: files -> window vectors -> scores -> metrics.
 
-A file is cut into windows that start every ``hop_s`` of the bundle (each expert takes its own
-window length from that start, at its own rate); a clip's score for a query is the max over its
+A file is decoded by ``sources.FileSource`` and cut by ``windows.Windower`` exactly as the daemon
+does: windows start every ``hop_s`` of the bundle, each expert takes its own window length at its
+own rate, and an uncovered tail gets one zero-padded window. A clip's score for a query is the max over its
 windows (ARCHITECTURE.md, "Scores"). Metrics follow Oncescu et al. 2021: Recall@K, median rank
 of the first relevant item, and mAP@10.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .bundle import Bundle, Manifest
-from .errors import EncoderError, QueryRejected, SourceError
+from .errors import EncoderError, QueryRejected
 from .expert import AudioExpert, load_experts
 from .protocol import QueryMessage, VectorPayload, encode_sparse
+from .sources import FileSource
+from .windows import ExpertWindowing, Tick, Windower
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".w64", ".caf")
 TOP_LABELS = 64  # labels space: probabilities kept per window (protocol.MAX_SPARSE)
 _BLOCK_S = 2.0  # decoded block length (seconds): bounds memory on hour-long field recordings
-
-
-# --------------------------------------------------------------------------- decoding and windows
-
-
-def audio_info(path: str | Path) -> tuple[int, int, int]:
-    """(sample rate, frames, channels) of an audio file; SourceError names the file."""
-    import soundfile as sf
-
-    try:
-        info = sf.info(str(path))
-    except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError / OSError
-        raise SourceError(f"cannot read audio file {str(path)!r}: {str(exc).splitlines()[0][:160]}") from exc
-    if info.frames <= 0 or info.samplerate <= 0:
-        raise SourceError(f"audio file {str(path)!r} holds no samples")
-    return int(info.samplerate), int(info.frames), int(info.channels)
-
-
-def window_starts(duration_s: float, hop_s: float, window_s: float) -> np.ndarray:
-    """Window start offsets (seconds) for a file: every hop, while at least half a window of audio is left.
-
-    The first window always exists (a short file is zero-padded), so every file has >= 1 window.
-    """
-    n = 1
-    while duration_s - n * hop_s >= 0.5 * window_s - 1e-9 and n * hop_s < duration_s:
-        n += 1
-    return np.arange(n, dtype=np.float64) * hop_s
-
-
-class _Windower:
-    """Cuts one expert's windows from a stream of samples at that expert's rate.
-
-    Holds at most one window plus one decoded block (samples at the expert's rate).
-    """
-
-    def __init__(self, rate: int, window_samples: int, starts_s: np.ndarray) -> None:
-        self.starts = [int(round(s * rate)) for s in starts_s]
-        self.window = window_samples
-        self.buf = np.zeros(0, np.float32)
-        self.buf_start = 0  # absolute sample index of buf[0]
-        self.k = 0
-
-    def push(self, x: np.ndarray) -> list[np.ndarray]:
-        self.buf = np.concatenate([self.buf, x]) if self.buf.size else x
-        return self._emit(final=False)
-
-    def finish(self) -> list[np.ndarray]:
-        return self._emit(final=True)
-
-    def _emit(self, final: bool) -> list[np.ndarray]:
-        out: list[np.ndarray] = []
-        end = self.buf_start + self.buf.size
-        while self.k < len(self.starts):
-            s = self.starts[self.k]
-            if s + self.window > end and not final:
-                break
-            w = self.buf[max(0, s - self.buf_start) : max(0, s - self.buf_start) + self.window]
-            if w.size < self.window:
-                w = np.concatenate([w, np.zeros(self.window - w.size, np.float32)])
-            out.append(np.ascontiguousarray(w, dtype=np.float32))
-            self.k += 1
-        keep_from = self.starts[self.k] if self.k < len(self.starts) else end
-        drop = min(max(0, keep_from - self.buf_start), self.buf.size)
-        if drop:
-            self.buf = self.buf[drop:]
-            self.buf_start += drop
-        return out
-
-
-def iter_blocks(path: str | Path, block_s: float = _BLOCK_S) -> Iterator[tuple[np.ndarray, int]]:
-    """Decode ``path`` in mono float32 blocks of ``block_s`` seconds: yields (samples, file rate)."""
-    import soundfile as sf
-
-    rate, _, _ = audio_info(path)
-    try:
-        with sf.SoundFile(str(path)) as f:
-            n = max(1, int(rate * block_s))
-            while True:
-                x = f.read(n, dtype="float32", always_2d=True)
-                if not len(x):
-                    break
-                yield (x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]), rate
-    except SourceError:
-        raise
-    except Exception as exc:
-        raise SourceError(f"cannot decode audio file {str(path)!r}: {str(exc).splitlines()[0][:160]}") from exc
 
 
 # --------------------------------------------------------------------------- embedding
@@ -138,50 +55,40 @@ class FileEmbedder:
         self.manifest = bundle.manifest
         self.hop_s = self.manifest.device.hop_s
         self.experts: list[AudioExpert] = load_experts(bundle, threads, providers)
-        self.max_window_s = max(e.spec.window_s for e in self.experts)
         self.batch = max(1, int(batch))
 
     def embed_file(self, path: str | Path) -> FileVectors:
-        import soxr
+        """All windows of one file, on the daemon's windowing (edge_retrieval.windows), in batches."""
+        src = FileSource(path, block_s=_BLOCK_S)
+        win = Windower(
+            [ExpertWindowing(e.name, e.sample_rate, e.spec.window_s) for e in self.experts], src.in_rate, self.hop_s
+        )
+        pending: dict[str, list[np.ndarray]] = {e.name: [] for e in self.experts}
+        done: dict[str, list[np.ndarray]] = {e.name: [] for e in self.experts}
+        starts: list[float] = []
 
-        rate, frames, _ = audio_info(path)
-        duration = frames / rate
-        starts = window_starts(duration, self.hop_s, self.max_window_s)
-        windowers = [_Windower(e.sample_rate, e.window_samples, starts) for e in self.experts]
-        streams = [
-            None if e.sample_rate == rate else soxr.ResampleStream(rate, e.sample_rate, 1, dtype="float32")
-            for e in self.experts
-        ]
-        pending: list[list[np.ndarray]] = [[] for _ in self.experts]
-        done: list[list[np.ndarray]] = [[] for _ in self.experts]
+        def take(ticks: Iterable[Tick], last: bool = False) -> None:
+            for t in ticks:
+                starts.append(t.start_s)
+                for name, w in t.windows.items():
+                    pending[name].append(w)
+            for e in self.experts:
+                while len(pending[e.name]) >= self.batch or (last and pending[e.name]):
+                    chunk, pending[e.name] = pending[e.name][: self.batch], pending[e.name][self.batch :]
+                    out = e.embed(np.stack(chunk))
+                    assert isinstance(out, np.ndarray)
+                    done[e.name].append(np.asarray(out, np.float32))
 
-        def feed(i: int, x: np.ndarray, last: bool) -> None:
-            st = streams[i]
-            y = x if st is None else st.resample_chunk(x, last=last)
-            pending[i].extend(windowers[i].push(np.asarray(y, np.float32)))
-            if last:
-                pending[i].extend(windowers[i].finish())
-            while len(pending[i]) >= self.batch or (last and pending[i]):
-                chunk, pending[i] = pending[i][: self.batch], pending[i][self.batch :]
-                done[i].append(self._embed(i, np.stack(chunk)))
-
-        for x, _ in iter_blocks(path):
-            for i in range(len(self.experts)):
-                feed(i, x, last=False)
-        for i in range(len(self.experts)):
-            feed(i, np.zeros(0, np.float32), last=True)
+        for block in src.blocks():
+            take(win.push(block))
+        take(win.flush(), last=True)
         vectors = {}
-        for i, e in enumerate(self.experts):
-            v = np.concatenate(done[i]) if done[i] else np.zeros((0, e.dim), np.float32)
-            if v.shape[0] != starts.size:  # every expert must give one vector per common window
-                raise EncoderError(f"expert {e.name!r} gave {v.shape[0]} windows for {str(path)!r}, expected {starts.size}")
+        for e in self.experts:
+            v = np.concatenate(done[e.name]) if done[e.name] else np.zeros((0, e.dim), np.float32)
+            if v.shape[0] != len(starts):  # every expert must give one vector per common window
+                raise EncoderError(f"expert {e.name!r} gave {v.shape[0]} windows for {str(path)!r}, expected {len(starts)}")
             vectors[e.name] = v
-        return FileVectors(str(path), duration, rate, starts, vectors)
-
-    def _embed(self, i: int, windows: np.ndarray) -> np.ndarray:
-        out = self.experts[i].embed(windows)
-        assert isinstance(out, np.ndarray)
-        return np.asarray(out, np.float32)
+        return FileVectors(str(path), src.duration_s, src.in_rate, np.asarray(starts, np.float64), vectors)
 
 
 def is_labels_expert(manifest: Manifest, expert: str) -> bool:

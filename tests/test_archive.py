@@ -23,7 +23,7 @@ from edge_retrieval.archive import (
 from edge_retrieval.bundle import Bundle, load_bundle
 from edge_retrieval.cli import main as cli
 from edge_retrieval.errors import ConfigError, QueryRejected
-from edge_retrieval.retrieval import TOP_LABELS, window_starts
+from edge_retrieval.retrieval import TOP_LABELS
 from tests.retrieval_bundle import RATE, band_query, make_bundle, tone
 
 UTC = dt.timezone.utc
@@ -229,9 +229,11 @@ def test_cli_search_by_example_csv_and_json(tmp_path: Path, bundles: dict[str, B
     assert "edge-retrieval index" in capsys.readouterr().err
 
 
-def test_windows_cover_the_file_and_short_files_get_one() -> None:
-    assert list(window_starts(0.3, 1.0, 1.0)) == [0.0]
-    assert list(window_starts(3.0, 1.0, 1.0)) == [0.0, 1.0, 2.0]
-    assert list(window_starts(3.6, 1.0, 1.0)) == [0.0, 1.0, 2.0, 3.0]  # 0.6 s left: kept (>= half a window)
-    assert list(window_starts(3.4, 1.0, 1.0)) == [0.0, 1.0, 2.0]
-    assert list(window_starts(10.0, 1.5, 3.0)) == [0.0, 1.5, 3.0, 4.5, 6.0, 7.5]
+def test_every_second_of_a_file_is_in_a_window(tmp_path: Path, bundles: dict[str, Bundle]) -> None:
+    from edge_retrieval.retrieval import FileEmbedder
+
+    emb = FileEmbedder(bundles["labels"])
+    for seconds, n in ((0.3, 1), (3.0, 3), (3.4, 4)):
+        fv = emb.embed_file(write(tmp_path / f"{seconds}.wav", tone(3, seconds)))
+        assert fv.n_windows == n and list(fv.offsets_s) == [float(i) for i in range(n)]
+        assert fv.vectors["tiny"].shape == (n, 16)
