@@ -1,0 +1,272 @@
+"""Matcher and detector, pure numpy: scoring paths, query checks, N of M, hysteresis, cooldown,
+merging, background adaptation and policy precedence."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from edge_retrieval.detector import WARMUP, Detector
+from edge_retrieval.errors import QueryRejected
+from edge_retrieval.matcher import CompiledQuery, Matcher, compile_query
+from edge_retrieval.policy import PolicyOverlay
+from edge_retrieval.protocol import SCHEMA, QueryMessage, encode_dense, encode_sparse
+
+
+def cq(qid: str = "q", thr: float = 0.5, policy: PolicyOverlay | None = None, version: int = 1) -> CompiledQuery:
+    return CompiledQuery(qid, version, qid, thr, policy, {"e": 1.0}, {}, {"e": (np.array([0]), np.array([1.0], np.float32))})
+
+
+def run(det: Detector, queries: list[CompiledQuery], scores: list[float | None], step: float = 1.0):
+    """Feed one query's score stream; return (onsets, finals) as lists of ActiveEvent."""
+    onsets, finals = [], []
+    for k, s in enumerate(scores):
+        row = None if s is None else np.array([s] * len(queries), np.float32)
+        for tr in det.step(queries, k * step, k * step + step, row):
+            (finals if tr.final else onsets).append(tr.event)
+    for tr in det.flush():
+        finals.append(tr.event)
+    return onsets, finals
+
+
+NOADAPT = PolicyOverlay(adapt=False, cooldown_s=0, hysteresis=0)
+
+
+def test_single_hits_merge_into_one_event_with_start_end_and_peak() -> None:
+    det = Detector(NOADAPT)
+    onsets, finals = run(det, [cq()], [0.1, 0.6, 0.9, 0.7, 0.2, 0.1])
+    assert len(onsets) == 1 and len(finals) == 1
+    ev = finals[0]
+    assert (ev.start_s, ev.end_s) == (1.0, 4.0)
+    assert ev.peak == pytest.approx(0.9)
+    assert onsets[0].event_id == ev.event_id
+
+
+def test_n_of_m_needs_enough_hits_and_starts_at_the_first() -> None:
+    pol = PolicyOverlay(adapt=False, cooldown_s=0, hysteresis=0, min_hits=2, of_windows=3)
+    # isolated hits (further apart than 3 windows) never fire
+    _, finals = run(Detector(pol), [cq()], [0.9, 0.1, 0.1, 0.1, 0.9, 0.1, 0.1, 0.1])
+    assert finals == []
+    # two hits within three windows fire, starting at the first hit
+    onsets, finals = run(Detector(pol), [cq()], [0.1, 0.9, 0.1, 0.9, 0.1, 0.1])
+    assert len(onsets) == 1 and onsets[0].start_s == 1.0
+    assert finals[0].end_s == 4.0
+
+
+def test_hysteresis_keeps_an_event_on_below_threshold() -> None:
+    scores = [0.6, 0.45, 0.41, 0.3, 0.1]
+    _, tight = run(Detector(NOADAPT), [cq()], scores)
+    assert [(e.start_s, e.end_s) for e in tight] == [(0.0, 1.0)]
+    loose = PolicyOverlay(adapt=False, cooldown_s=0, hysteresis=0.1)
+    _, finals = run(Detector(loose), [cq()], scores)
+    assert [(e.start_s, e.end_s) for e in finals] == [(0.0, 3.0)]
+
+
+def test_cooldown_suppresses_a_quick_repeat() -> None:
+    scores = [0.9, 0.1, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.9, 0.1]
+    _, finals = run(Detector(NOADAPT), [cq()], scores)
+    assert len(finals) == 3
+    cool = PolicyOverlay(adapt=False, hysteresis=0, cooldown_s=4)
+    _, finals = run(Detector(cool), [cq()], scores)
+    # event 1 ends at 1 s: windows starting before 5 s cannot start another
+    assert [e.start_s for e in finals] == [0.0, 8.0]
+
+
+def test_gated_window_ends_an_event_and_does_not_count() -> None:
+    _, finals = run(Detector(NOADAPT), [cq()], [0.9, 0.9, None, 0.9])
+    assert [(e.start_s, e.end_s) for e in finals] == [(0.0, 2.0), (3.0, 4.0)]
+
+
+def test_max_event_splits_a_long_event() -> None:
+    pol = PolicyOverlay(adapt=False, cooldown_s=0, hysteresis=0, max_event_s=3)
+    _, finals = run(Detector(pol), [cq()], [0.9] * 7)
+    assert len(finals) >= 2
+    assert all(e.end_s - e.start_s <= 4.0 for e in finals)
+    assert finals[0].start_s == 0.0 and finals[-1].end_s == 7.0
+
+
+def test_adaptation_suppresses_constant_noise_while_a_rise_fires() -> None:
+    rng = np.random.default_rng(1)
+    noise = list(0.5 + 0.02 * rng.standard_normal(60))  # BirdNET-like: woodpecker 0.5 on plain noise
+    rise = [0.9, 0.92, 0.9]
+    scores = noise + rise + noise[:20]
+    # without adaptation the noise is one never-ending detection
+    _, plain = run(Detector(PolicyOverlay(adapt=False, cooldown_s=0)), [cq(thr=0.3)], scores)
+    assert len(plain) >= 1 and plain[0].start_s == 0.0 and plain[0].end_s > 50
+    # with adaptation: at most one short event while the baseline is learnt, then only the rise
+    det = Detector(PolicyOverlay(adapt=True, cooldown_s=0, adapt_margin=0.15))
+    _, finals = run(det, [cq(thr=0.3)], scores)
+    late = [e for e in finals if e.start_s >= WARMUP]
+    early = [e for e in finals if e.start_s < WARMUP]
+    assert len(early) <= 1 and all(e.end_s <= WARMUP + 1 for e in early)
+    assert [(e.start_s, e.end_s) for e in late] == [(60.0, 63.0)]
+    assert 0.45 < det.baseline("q") < 0.6
+
+
+def test_adaptation_baseline_ignores_the_detections() -> None:
+    det = Detector(PolicyOverlay(adapt=True, cooldown_s=0, adapt_margin=0.1, adapt_quantile=0.9))
+    scores = [0.1] * 20 + [0.9] * 30 + [0.1] * 5 + [0.9] * 3
+    _, finals = run(det, [cq(thr=0.5)], scores)
+    # the long detection does not raise the baseline, so the second burst still fires
+    assert [(e.start_s, e.end_s) for e in finals] == [(20.0, 50.0), (55.0, 58.0)]
+
+
+def test_policy_precedence_query_over_default_over_builtin() -> None:
+    det = Detector(PolicyOverlay(cooldown_s=7, min_hits=2, of_windows=4))
+    own = cq(policy=PolicyOverlay(min_hits=3))
+    p = det.policy_for(own)
+    assert p.min_hits == 3  # the query's own
+    assert p.of_windows == 4 and p.cooldown_s == 7  # the device default
+    assert p.adapt_quantile == 0.95  # built-in
+    assert det.policy_for(cq()).min_hits == 2
+
+
+def test_removed_query_closes_its_event() -> None:
+    det = Detector(NOADAPT)
+    q = cq()
+    det.step([q], 0, 1, np.array([0.9], np.float32))
+    out = det.step([], 1, 2, np.zeros(0, np.float32))
+    assert len(out) == 1 and out[0].final and out[0].event.end_s == 1.0
+
+
+# --------------------------------------------------------------------------- matcher
+
+
+def _msg(bundle, vectors, weights=None, threshold=0.5, qid="q", version=1, **kw) -> QueryMessage:
+    return QueryMessage.model_validate(
+        {
+            "schema": SCHEMA,
+            "query_id": qid,
+            "version": version,
+            "text": "test",
+            "space_id": kw.pop("space_id", bundle.manifest.space.id),
+            "vectors": [v.model_dump(exclude_none=True) for v in vectors],
+            "weights": weights or [1.0 / len(vectors)] * len(vectors),
+            "threshold": threshold,
+            **kw,
+        }
+    )
+
+
+def test_sparse_gather_equals_dense_product(tiny_bundle) -> None:
+    rng = np.random.default_rng(0)
+    m = Matcher(tiny_bundle.manifest)
+    dense_q = []
+    for i in range(5):
+        idx = rng.choice(4, size=rng.integers(1, 5), replace=False)
+        w = rng.random(idx.size) + 0.1
+        m.add(compile_query(_msg(tiny_bundle, [encode_sparse("tones", idx, w)], qid=f"q{i}"), tiny_bundle.manifest))
+        d = np.zeros(4)
+        d[idx] = w / w.sum()
+        dense_q.append(d)
+    p = rng.random((7, 4)).astype(np.float32)
+    snap, s = m.score({"tones": p})
+    assert s.shape == (7, 5)
+    np.testing.assert_allclose(s, p @ np.stack(dense_q, axis=1), rtol=1e-5)
+    assert snap.experts["tones"].index is not None and snap.experts["tones"].index.size <= 4
+
+
+def test_ensemble_scores_are_the_weighted_sum(tiny_ensemble) -> None:
+    man = tiny_ensemble.manifest
+    emb = np.array([0.0, 1.0, 0.0, 0.0], np.float32)
+    msg = _msg(
+        tiny_ensemble,
+        [encode_sparse("tones", np.array([1]), np.array([1.0])), encode_dense("bands", emb, "f16")],
+        weights=[3.0, 1.0],
+    )
+    m = Matcher(man)
+    m.add(compile_query(msg, man))
+    p = np.array([[0.2, 0.8, 0.0, 0.0]], np.float32)
+    e = np.array([[0.6, 0.8, 0.0, 0.0]], np.float32)
+    _, s = m.score({"tones": p, "bands": e})
+    assert s[0, 0] == pytest.approx(0.75 * 0.8 + 0.25 * 0.8, rel=1e-3)
+
+
+def test_versions_replays_and_removal(tiny_bundle) -> None:
+    man = tiny_bundle.manifest
+    m = Matcher(man)
+    v = [encode_sparse("tones", np.array([0]), np.array([1.0]))]
+    assert m.add(compile_query(_msg(tiny_bundle, v, version=2), man))
+    assert not m.add(compile_query(_msg(tiny_bundle, v, version=1, threshold=0.1), man))
+    assert m.get("q").threshold == 0.5
+    assert m.remove("q", version=3)
+    assert not m.add(compile_query(_msg(tiny_bundle, v, version=2), man))  # replay of an old version
+    assert m.add(compile_query(_msg(tiny_bundle, v, version=4), man))
+
+
+def test_scoring_while_queries_change_is_consistent(tiny_bundle) -> None:
+    man = tiny_bundle.manifest
+    m = Matcher(man)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def churn() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            q = compile_query(_msg(tiny_bundle, [encode_sparse("tones", np.array([i % 4]), np.array([1.0]))],
+                                   qid=f"q{i % 7}", version=i), man)
+            m.add(q)
+            if i % 3 == 0:
+                m.remove(f"q{(i + 2) % 7}")
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        p = np.random.default_rng(0).random((4, 4)).astype(np.float32)
+        for _ in range(300):
+            snap, s = m.score({"tones": p})
+            assert s.shape == (4, len(snap.queries))
+    except BaseException as exc:  # pragma: no cover - reported below
+        errors.append(exc)
+    finally:
+        stop.set()
+        t.join()
+    assert not errors
+
+
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("space", "space id"),
+        ("unknown_expert", "unknown expert"),
+        ("dense_for_labels", "needs a 'sparse' vector"),
+        ("index_range", "out of range"),
+        ("threshold", "threshold"),
+        ("deleted", "deletion"),
+    ],
+)
+def test_compile_query_rejections(tiny_bundle, case: str, expect: str) -> None:
+    man = tiny_bundle.manifest
+    good = encode_sparse("tones", np.array([1]), np.array([1.0]))
+    kw: dict = {}
+    vecs = [good]
+    if case == "space":
+        kw["space_id"] = "0" * 64
+    elif case == "unknown_expert":
+        vecs = [encode_sparse("nope", np.array([1]), np.array([1.0]))]
+    elif case == "dense_for_labels":
+        vecs = [encode_dense("tones", np.ones(4, np.float32))]
+    elif case == "index_range":
+        vecs = [encode_sparse("tones", np.array([9]), np.array([1.0]))]
+    elif case == "threshold":
+        kw["threshold"] = -0.5  # labels scores are in [0, 1]
+    if case == "deleted":
+        msg = QueryMessage.model_validate({"schema": SCHEMA, "query_id": "q", "version": 2, "deleted": True})
+    else:
+        msg = _msg(tiny_bundle, vecs, **kw)
+    with pytest.raises(QueryRejected, match=expect):
+        compile_query(msg, man)
+
+
+def test_compile_query_rejects_dimension_and_missing_expert(tiny_ensemble) -> None:
+    man = tiny_ensemble.manifest
+    sp = encode_sparse("tones", np.array([1]), np.array([1.0]))
+    with pytest.raises(QueryRejected, match="no vector for expert"):
+        compile_query(_msg(tiny_ensemble, [sp]), man)
+    with pytest.raises(QueryRejected, match="bytes, expected|dimension"):
+        compile_query(_msg(tiny_ensemble, [sp, encode_dense("bands", np.ones(7, np.float32))]), man)
+    with pytest.raises(QueryRejected, match="needs an 'f16' or 'f32'"):
+        compile_query(_msg(tiny_ensemble, [sp, encode_sparse("bands", np.array([0]), np.array([1.0]))]), man)
