@@ -94,7 +94,7 @@ class Daemon:
         self._sinks: list[Sink] = list(sinks)
         self.max_batch = int(max_batch)
         # bounded queue of ticks: units = hops (max_queue_s of audio), at least one batch
-        self.max_queue = max(self.max_batch, int(math.ceil(max_queue_s / self.step_s)))
+        self.max_queue = max(self.max_batch, int(math.ceil(max_queue_s / self.step_s - 1e-9)))
         self._queue: deque[Tick] = deque()
         self._cv = threading.Condition()
         self._stop = threading.Event()

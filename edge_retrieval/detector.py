@@ -12,10 +12,12 @@ Per query and window (``raw`` = the matcher's score, ``base`` = its background b
   sound goes on, a new one starts.
 - **cooldown**: no onset for windows starting before ``end_s + cooldown_s`` of the last event.
 - **background adaptation**: ``base`` is the ``adapt_quantile`` of the last ``adapt_windows``
-  non-detection scores (windows that are neither a hit nor part of an event). During the first
-  ``WARMUP`` scored windows of a query every score enters the history, hits included: a score
-  that is high from the very start (BirdNET's woodpecker on plain noise) gives at most one event
-  and then becomes the baseline, instead of an event that never ends.
+  non-detection scores (windows that are neither a hit nor part of an event). One exception:
+  while the query has learnt fewer than ``WARMUP`` background scores, the windows of an event
+  that has already lasted more than ``WARMUP`` windows enter the history too. A score that is
+  high from the very start (BirdNET's woodpecker on plain noise) then gives one short event and
+  becomes the baseline, instead of an event that never ends; a short real sound heard first
+  (a quiet, gated site) does not poison the baseline.
 - A gated (near-silent, not encoded) window counts as a miss and leaves the baseline alone.
 
 Policy per query: ``policy.resolve(query policy, device default)`` (query > config > built-in).
@@ -33,7 +35,7 @@ from .matcher import CompiledQuery
 from .policy import DetectionPolicy, PolicyOverlay, resolve
 from .protocol import new_event_id
 
-WARMUP = 4  # scored windows per query whose scores always enter the baseline
+WARMUP = 4  # background scores a query needs before its own long events stop feeding the baseline
 
 
 @dataclass
@@ -45,6 +47,7 @@ class ActiveEvent:
     end_s: float
     peak: float
     final: bool = False
+    windows: int = 1  # windows merged into this event so far
 
 
 @dataclass
@@ -136,6 +139,7 @@ class Detector:
                     self._open(st, start_s, end_s, raw, out)
                 else:
                     ev.end_s, ev.peak = end_s, max(ev.peak, raw)
+                    ev.windows += 1
             else:
                 out.append(self._close(st))
         else:
@@ -146,7 +150,8 @@ class Detector:
                 self._open(st, hits[0][1], end_s, max(r[3] for r in hits), out)
         if raw is not None:
             st.scored += 1
-            if st.scored <= WARMUP or (not hit and st.active is None):
+            ev = st.active
+            if (not hit and ev is None) or (ev is not None and len(st.history) < WARMUP and ev.windows > WARMUP):
                 st.history.append(raw)
 
     def _open(self, st: _State, start_s: float, end_s: float, peak: float, out: list[Transition]) -> None:
