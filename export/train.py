@@ -184,30 +184,24 @@ class Experts:
 
     def run(self, path: Path) -> dict[str, np.ndarray]:
         """Per-window raw outputs of one file: {"probs" [W, 6522] f16, "birdnet_emb" [W, 1024], "aisfx" [W, 512]}."""
-        import soundfile as sf
-        import soxr
+        from edge_retrieval.sources import FileSource
+        from edge_retrieval.windows import ExpertWindowing, Windower
 
-        from edge_retrieval.retrieval import window_starts
-
-        try:
-            with sf.SoundFile(str(path)) as f:
-                rate = f.samplerate
-                x = f.read(int(MAX_CLIP_S * rate), dtype="float32", always_2d=True)
-        except Exception as exc:  # libsndfile errors
-            raise SourceError(f"cannot decode {str(path)!r}: {str(exc).splitlines()[0][:160]}") from exc
-        x = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
-        if x.size == 0:
-            raise SourceError(f"audio file {str(path)!r} holds no samples")
-        starts = window_starts(x.size / rate, self.hop_s, self.max_window_s)
-        out: dict[str, np.ndarray] = {}
         experts = [self.aisfx] + ([self.birdnet] if self.birdnet else [])
+        src = FileSource(path, block_s=2.0)
+        win = Windower([ExpertWindowing(e.name, e.sample_rate, e.spec.window_s) for e in experts], src.in_rate, self.hop_s)
+        ticks = []
+        for block in src.blocks():  # the daemon's windows: common hop, per-expert resampling
+            ticks.extend(win.push(block))
+            if win.samples_in >= MAX_CLIP_S * src.in_rate:
+                break
+        ticks.extend(win.flush())
+        if not ticks:
+            raise SourceError(f"audio file {str(path)!r} gave no windows")
+        out: dict[str, np.ndarray] = {}
         for e in experts:
-            y = x if e.sample_rate == rate else soxr.resample(x, rate, e.sample_rate).astype(np.float32)
-            win = np.zeros((starts.size, e.window_samples), np.float32)
-            for k, s in enumerate(starts):
-                seg = y[int(round(s * e.sample_rate)) : int(round(s * e.sample_rate)) + e.window_samples]
-                win[k, : seg.size] = seg
-            raw = e.encode(e.features(win))
+            windows = np.stack([t.windows[e.name] for t in ticks])
+            raw = e.encode(e.features(windows))
             if e is self.aisfx:
                 out[AISFX] = raw[0].astype(np.float32)
             else:
