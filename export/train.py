@@ -92,10 +92,12 @@ def default_audio_root() -> Path:
 
 
 def resolve_audio(clip: Clip, audio_root: Path, csv_dir: Path) -> Path:
-    """``package:rel`` -> audio_root/package/rel; a plain path is taken relative to the CSV."""
+    """``package:rel`` -> the WAV scripts/fetch_sounds.py writes (audio_root/package/rel with .wav,
+    an archive member's "!" as "/"); a plain path is taken relative to the CSV."""
     if ":" in clip.path and not clip.path.startswith("/"):
         pkg, rel = clip.path.split(":", 1)
-        cands = [audio_root / pkg / rel.lstrip("/"), audio_root / pkg / "root" / rel.lstrip("/")]
+        rel = rel.lstrip("/").replace("!", "/")
+        cands = [(audio_root / pkg / rel).with_suffix(".wav"), audio_root / pkg / rel]
     else:
         p = Path(clip.path)
         cands = [p if p.is_absolute() else csv_dir / p]
