@@ -151,6 +151,17 @@ def read_audiocaps(path: str | Path, audio_dir: str | Path | None = None) -> Dat
     return _finish(path.stem, items, pairs, missing)
 
 
+def _simple_audio(base: Path, name: str) -> Path:
+    """A simple-CSV path on disk; ``package:path_in_package`` (the project's caption list, as
+    scripts/fetch_sounds.py writes it) is found at ``base/package/path_in_package`` with a .wav suffix."""
+    p = Path(name)
+    direct = p if p.is_absolute() else base / p
+    if direct.is_file() or ":" not in name or p.is_absolute():
+        return direct
+    pkg, _, inner = name.partition(":")
+    return base / pkg / Path(inner.replace("!", "/")).with_suffix(".wav")
+
+
 def read_simple(path: str | Path, audio_dir: str | Path | None = None) -> Dataset:
     """Simple CSV: ``path, caption[, category]``; relative paths resolve against ``audio_dir`` (or the CSV's folder).
 
@@ -169,7 +180,7 @@ def read_simple(path: str | Path, audio_dir: str | Path | None = None) -> Datase
     for line, r in enumerate(rows, start=2):
         if not r["path"]:
             raise ConfigError(f"dataset CSV {str(path)!r} line {line}: empty path")
-        audio = Path(r["path"]) if Path(r["path"]).is_absolute() else base / r["path"]
+        audio = _simple_audio(base, r["path"])
         if not audio.is_file():
             missing.append(r["path"])
             continue

@@ -111,3 +111,14 @@ def test_format_detection_and_clear_errors(tmp_path: Path) -> None:
         read_dataset(two)
     with pytest.raises(ConfigError, match="lacks column"):
         read_dataset(two, fmt="clotho")
+
+
+def test_simple_csv_finds_package_paths_where_fetch_sounds_writes_them(tmp_path: Path) -> None:
+    wav(tmp_path / "sounds" / "somegame-data" / "usr/share/game/sfx/dog bark.wav")
+    wav(tmp_path / "sounds" / "somegame-data" / "usr/share/game/pak0.pk3/siren.wav")
+    p = write_csv(tmp_path / "captions.csv", ["path", "caption", "package", "licence"], [
+        ["somegame-data:usr/share/game/sfx/dog bark.ogg", "a dog barks", "somegame-data", "GPL"],
+        ["somegame-data:usr/share/game/pak0.pk3!siren.flac", "a siren wails", "somegame-data", "GPL"],
+    ])
+    ds = read_dataset(p, audio_dir=tmp_path / "sounds")
+    assert [it.path.name for it in ds.items] == ["dog bark.wav", "siren.wav"] and not ds.missing
