@@ -3,7 +3,8 @@
 The unit runs ``Type=notify`` with ``WatchdogSec=``: the daemon says ``READY=1`` once the bundle
 is loaded and the source is open, then ``WATCHDOG=1`` from its inference loop, so systemd
 restarts a daemon whose loop has hung (not merely one that crashed). Outside systemd
-(``$NOTIFY_SOCKET`` unset) every call is a cheap no-op.
+(``$NOTIFY_SOCKET`` unset) every call is a cheap no-op. ``Supervisor`` does both for a daemon
+from its ``health()`` counters, so the inference loop needs no systemd code.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,52 @@ class Notifier:
         return self.notify("WATCHDOG=1")
 
 
+class Supervisor:
+    """READY=1 once, then WATCHDOG=1 only while the daemon makes progress.
+
+    Progress is ``health()[key]`` (seconds of audio consumed by the inference loop) changing
+    between checks: a hung encoder or a silent, stalled microphone stops the pings and systemd
+    restarts the service. Does nothing outside systemd.
+    """
+
+    def __init__(
+        self, health: Callable[[], dict[str, Any]], notifier: Notifier | None = None, key: str = "audio_s"
+    ) -> None:
+        self.health = health
+        self.n = notifier or _notifier()
+        self.key = key
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, status: str = "listening") -> Supervisor:
+        if not self.n.enabled:
+            return self
+        self.n.ready(status)
+        self._thread = threading.Thread(target=self._loop, name="sd-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        last: Any = object()
+        while not self._stop.wait(self.n.ping_interval_s):
+            try:
+                h = self.health()
+            except Exception as exc:  # noqa: BLE001 - a failing health() means no ping, never a crash
+                log.debug("health() failed: %s", exc)
+                continue
+            now = h.get(self.key)
+            if now != last:
+                last = now
+                self.n.notify("WATCHDOG=1")
+                self.n.status(f"audio {now} s, events {h.get('events')}, rtf {h.get('rtf')}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self.n.stopping()
+            self._thread.join(timeout=5)
+
+
 _default: Notifier | None = None
 
 
@@ -83,4 +132,7 @@ def notifier() -> Notifier:
     return _default
 
 
-__all__ = ["Notifier", "notifier"]
+_notifier = notifier
+
+
+__all__ = ["Notifier", "Supervisor", "notifier"]

@@ -322,9 +322,13 @@ def main(args: argparse.Namespace) -> int:
             agent.start()
 
     old_handlers = _install_signals(daemon)
+    from ..sdnotify import Supervisor  # systemd READY/WATCHDOG (Type=notify unit); no-op elsewhere
+
+    watch = Supervisor(daemon.health).start()
     try:
         daemon.run()
     finally:
+        watch.stop()
         for sig, h in old_handlers.items():
             signal.signal(sig, h)
         if agent is not None:
