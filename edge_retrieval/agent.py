@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -37,27 +36,20 @@ REPORT_RATE_S = 5.0  # rejection reports per second after the burst (the rest ar
 
 
 class ClockStatus:
-    """NTP sync state from ``timedatectl`` (cached for ``ttl_s`` seconds); "unknown" without it."""
+    """NTP sync state (edge_retrieval.config.clock_status), asked at most every ``ttl_s`` seconds."""
 
     def __init__(self, ttl_s: float = 60.0) -> None:
         self.ttl_s = ttl_s
         self._value = "unknown"
         self._at = -1e9
-        self._tool = shutil.which("timedatectl")
 
     def __call__(self) -> str:
         now = time.monotonic()
-        if self._tool is None:
-            return "unknown"
         if now - self._at >= self.ttl_s:
+            from .config import clock_status
+
             self._at = now
-            try:
-                out = subprocess.run([self._tool, "show", "-p", "NTPSynchronized", "--value"], capture_output=True,
-                                     text=True, timeout=2, check=False)
-                v = out.stdout.strip().lower()
-                self._value = {"yes": "synced", "no": "unsynced"}.get(v, "unknown") if out.returncode == 0 else "unknown"
-            except (OSError, subprocess.SubprocessError):
-                self._value = "unknown"
+            self._value = clock_status()
         return self._value
 
 
@@ -81,7 +73,8 @@ class _Bucket:
 class DeviceAgent:
     """Sink + query subscriber + health publisher for one device (see module docstring)."""
 
-    def __init__(self, cfg: Any, daemon: Any, *, attach: bool = True) -> None:
+    def __init__(self, cfg: Any, daemon: Any, *, attach: bool = False) -> None:
+        """``attach=True`` also registers the agent as a daemon sink (``run`` does that itself)."""
         if cfg.mqtt is None:
             from .errors import ConfigError
 
@@ -140,8 +133,12 @@ class DeviceAgent:
             self._health_thread = threading.Thread(target=self._health_loop, name="agent-health", daemon=True)
             self._health_thread.start()
 
-    def stop(self) -> None:
-        """Say "offline" (retained), disconnect, close the stores. Unsent events stay on disk."""
+    def stop(self, drain_s: float = 5.0) -> None:
+        """Deliver what is queued (up to ``drain_s`` seconds while the link is up), say "offline"
+        (retained), disconnect, close the stores. Undelivered events stay on disk for next time."""
+        end = time.monotonic() + drain_s
+        while self.transport.connected and self.outbox.depth() > 0 and time.monotonic() < end:
+            time.sleep(0.05)
         self._stop.set()
         if self._health_thread is not None:
             self._health_thread.join(timeout=5)

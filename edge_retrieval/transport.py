@@ -213,6 +213,10 @@ class MqttTransport:
             self._started = False
             self._connected.clear()
 
+    def set_backoff(self, min_s: int, max_s: int) -> None:
+        """Reconnect delays: doubling from ``min_s`` up to ``max_s`` seconds."""
+        self._client.reconnect_delay_set(min_s, max_s)
+
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
