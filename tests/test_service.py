@@ -220,3 +220,46 @@ def test_installer_bad_arguments(tmp_path: Path) -> None:
     (tmp_path / "c.toml").write_text("")
     r = run_installer("--config", str(tmp_path / "c.toml"), "--bundle", str(tmp_path), "--dry-run")
     assert r.returncode == 1 and "manifest.json" in r.stderr
+
+
+# --------------------------------------------------------------------------- the unit's Type=notify contract
+
+
+def test_run_speaks_sd_notify(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """``run`` under a notify socket sends READY=1, then WATCHDOG=1 while audio flows, then STOPPING=1."""
+    import socket
+
+    try:
+        tiny = request.getfixturevalue("tiny_bundle")
+        audio = request.getfixturevalue("audio_files")
+    except pytest.FixtureLookupError:
+        pytest.skip("tests/fixtures_audio.py (tiny_bundle, audio_files) not available")
+    addr = tmp_path / "notify.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv.bind(str(addr))
+    srv.settimeout(30)
+    env = {**os.environ, "NOTIFY_SOCKET": str(addr), "WATCHDOG_USEC": "2000000"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_retrieval.cli", "run", "--bundle", str(tiny.root), "--source",
+         str(audio["flac"]), "--realtime", "--query-audio", str(audio["flac"]), "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    got: list[str] = []
+    try:
+        while True:
+            try:
+                msg = srv.recv(4096).decode()
+            except TimeoutError:
+                break
+            got.append(msg)
+            if msg.startswith("STOPPING=1"):
+                break
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        srv.close()
+    assert proc.returncode == 0, err
+    assert got and got[0].startswith("READY=1"), got
+    pings = [m for m in got if m == "WATCHDOG=1"]
+    assert len(pings) >= 3, got  # 6 s of real-time audio, a check every 0.5 s
+    assert any(m.startswith("STATUS=audio ") for m in got) and got[-1] == "STOPPING=1"
