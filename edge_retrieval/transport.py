@@ -143,7 +143,6 @@ class MqttTransport:
             protocol=mqtt.MQTTv311,
             reconnect_on_failure=True,
         )
-        c.enable_logger(logging.getLogger("paho.mqtt"))
         c.reconnect_delay_set(min_backoff_s, max_backoff_s)
         c.max_queued_messages_set(max_queued)
         c.max_inflight_messages_set(100)
