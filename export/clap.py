@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from edge_retrieval.bundle import BundleWriter, FrontendSpec, expert_space_digest, space_id
-from edge_retrieval.errors import EdgeRetrievalError, ExportError
+from edge_retrieval.errors import EdgeRetrievalError, ExportError, missing_extra
 from edge_retrieval.frontends.clap import ClapLogMel, ClapLogMelParams
 
 from .quantize import Budget, embedding_metrics, quantize_under_budget, run_model, strip_metadata
@@ -125,9 +125,13 @@ class _Steps:
 
 def load_checkpoint(checkpoint: str) -> tuple[Any, Any, Any]:
     """(model, feature extractor, tokenizer) from a local dir or the HF cache; never downloads."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-    from transformers import AutoConfig, AutoFeatureExtractor, AutoTokenizer, ClapModel
+    if "huggingface_hub" not in sys.modules:  # read at import: a fresh CLI process never goes online
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import transformers
+        from transformers import AutoConfig, AutoFeatureExtractor, AutoTokenizer, ClapModel
+    except ImportError as exc:
+        raise missing_extra("export", "transformers") from exc
 
     transformers.logging.set_verbosity_error()
     where = "local directory" if Path(checkpoint).is_dir() else "Hugging Face id (offline: must already be in the local cache)"

