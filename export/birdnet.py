@@ -316,8 +316,9 @@ def build_label_index(encoder: Any, labels: Sequence[str], kinds: Sequence[str],
         for a in split_alternatives(t):
             alts.append(a)
             owner.append(i)
-    vecs = np.zeros((len(alts), 0), np.float32)
-    chunks = [alts[s : s + 512] for s in range(0, len(alts), 512)]
+    order = np.argsort([len(a) for a in alts], kind="stable")  # similar lengths batch with little padding
+    sorted_alts = [alts[i] for i in order]
+    chunks = [sorted_alts[s : s + 512] for s in range(0, len(sorted_alts), 512)]
     parts = []
     it: Iterator[list[str]] = iter(chunks)
     if progress:
@@ -326,7 +327,8 @@ def build_label_index(encoder: Any, labels: Sequence[str], kinds: Sequence[str],
         it = tqdm(chunks, desc="encoding label texts", unit="x512", leave=False)
     for c in it:
         parts.append(encoder.encode(c))
-    vecs = np.concatenate(parts)
+    vecs = np.empty((len(alts), parts[0].shape[1]), np.float32)
+    vecs[order] = np.concatenate(parts)
     protos = [(KINDS.index(k), a) for k, t in KIND_TEXTS.items() for a in split_alternatives(t)]
     pvec = encoder.encode([a for _, a in protos])
     return LabelIndex(
