@@ -301,6 +301,8 @@ class MqttTransport:
         self._connected.clear()
         if self.state == "stopped":
             return
+        if not was and self.state == "refused":
+            return  # keep the refusal (bad credentials, ACL) as the state; paho retries with backoff
         self.state = "disconnected"
         self.disconnects += int(was)
         self.last_error = str(reason_code)

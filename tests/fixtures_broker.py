@@ -190,10 +190,10 @@ def make_tls_material(d: Path, users: dict[str, str]) -> TlsMaterial:
     for user in users:
         k = ec.generate_private_key(ec.SECP256R1())
         c = cert(user, k, ca_key, ca_cert.subject, False)
-        cp = d / f"{user}.pem"
+        cp = d / f"client-{user}.pem"
         cp.write_bytes(c.public_bytes(serialization.Encoding.PEM))
         mat.client_cert[user] = cp
-        mat.client_key[user] = write_key(k, d / f"{user}.key")
+        mat.client_key[user] = write_key(k, d / f"client-{user}.key")
     pw = d / "passwords"
     pw.write_text("")
     for user, password in users.items():
