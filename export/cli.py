@@ -31,15 +31,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="reviewed label texts CSV (default: the packaged export/data/birdnet_label_texts.csv)")
     bn.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     clap = sub.add_parser("clap", help="a CLAP checkpoint (joint space)")
-    try:
+    try:  # the CLAP exporter is another module: its failure must not block ``export birdnet``
         mod = importlib.import_module("edge_retrieval.export.clap")
-    except ImportError as exc:
-        if exc.name != "edge_retrieval.export.clap":
-            raise
-        clap.set_defaults(_clap_missing=True)
-        clap.add_argument("rest", nargs=argparse.REMAINDER)
-    else:
         mod.add_arguments(clap)
+    except Exception as exc:  # ImportError (not written yet, missing extra) or a bug in it
+        reason = (f"the CLAP exporter (edge_retrieval.export.clap) is not available: {exc}"
+                  if not (isinstance(exc, ImportError) and exc.name == "edge_retrieval.export.clap")
+                  else "the CLAP exporter (edge_retrieval.export.clap) is not available in this install")
+        clap.set_defaults(_clap_missing=reason)
+        clap.add_argument("rest", nargs=argparse.REMAINDER)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -60,8 +60,8 @@ def main(args: argparse.Namespace) -> int:
               f"parity top-1 {par.get('top1_agreement', 0):.1%} of {par.get('windows')} windows, "
               f"max |logit diff| {par.get('max_abs_logit_diff', float('nan')):.3g}; licence {s['licence']}")
         return 0
-    if getattr(args, "_clap_missing", False):
-        raise ExportError("the CLAP exporter (edge_retrieval.export.clap) is not available in this install")
+    if getattr(args, "_clap_missing", None):
+        raise ExportError(args._clap_missing)
     from . import clap
 
     return int(clap.run(args) or 0)
