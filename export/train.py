@@ -150,13 +150,14 @@ def split_packages(clips: list[Clip], seed: int, val_frac: float = 0.25, dev_fra
 class Experts:
     """Runs the raw experts on windows, as the device does: BirdNET (from the base bundle) and aisfx."""
 
-    def __init__(self, base: Bundle | None, work: Path, hop_s: float) -> None:
+    def __init__(self, base: Bundle | None, work: Path, hop_s: float, max_clip_s: float = MAX_CLIP_S) -> None:
         from edge_retrieval.expert import AudioExpert
 
         from . import aisfx
 
         self.base = base
         self.hop_s = hop_s
+        self.max_clip_s = max_clip_s
         self.birdnet: AudioExpert | None = None
         self.emb_output: str | None = None
         if base is not None:
@@ -181,7 +182,7 @@ class Experts:
         """Cache tag: what the cached outputs depend on (weights, front ends, hop)."""
         from . import aisfx
 
-        parts = [aisfx.space_digest(), self.base.manifest.space.id if self.base else None, self.hop_s, MAX_CLIP_S]
+        parts = [aisfx.space_digest(), self.base.manifest.space.id if self.base else None, self.hop_s, self.max_clip_s]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
     def run(self, path: Path) -> dict[str, np.ndarray]:
@@ -195,7 +196,7 @@ class Experts:
         ticks = []
         for block in src.blocks():  # the daemon's windows: common hop, per-expert resampling
             ticks.extend(win.push(block))
-            if win.samples_in >= MAX_CLIP_S * src.in_rate:
+            if win.samples_in >= self.max_clip_s * src.in_rate:
                 break
         ticks.extend(win.flush())
         if not ticks:
@@ -519,6 +520,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-packages", help="comma list of validation packages (default: seeded ~25%% of clips)")
     p.add_argument("--audio-root", help="folder of extracted packages (default $EDGE_RETRIEVAL_SOUNDS or ~/.cache/...)")
     p.add_argument("--cache", help="feature cache folder (default: ~/.cache/edge-retrieval/moee)")
+    p.add_argument("--hop", type=float, help="window hop (s) for the training features (default: the base bundle's)")
+    p.add_argument("--max-clip-s", type=float, default=MAX_CLIP_S, help="seconds of each clip embedded")
+    p.add_argument("--skip-missing", action="store_true", help="drop rows whose audio is not fetched (else an error)")
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -545,16 +549,27 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Read data, split, embed clips and captions: everything training and the ablation need."""
     clips = read_captions(args.data)
     data_sha = sha256_file(args.data)
+    audio_root = Path(args.audio_root) if args.audio_root else default_audio_root()
+    csv_dir = Path(args.data).resolve().parent
+    if getattr(args, "skip_missing", False):
+        kept = []
+        for c in clips:
+            try:
+                resolve_audio(c, audio_root, csv_dir)
+                kept.append(c)
+            except SourceError:
+                pass
+        log.warning("%d of %d clips have no audio under %s; skipped", len(clips) - len(kept), len(clips), audio_root)
+        clips = kept
     if args.subset:
         clips = subset(clips, int(args.subset), args.seed)
     val = [p.strip() for p in args.val_packages.split(",")] if getattr(args, "val_packages", None) else None
     split_of = split_packages(clips, args.seed, val_packages=val)
     base = load_bundle(args.base, part="all") if args.base else None
-    hop = base.manifest.device.hop_s if base is not None else 3.0
-    experts = Experts(base, work, hop)
+    hop = args.hop or (base.manifest.device.hop_s if base is not None else 3.0)
+    experts = Experts(base, work, hop, getattr(args, "max_clip_s", MAX_CLIP_S))
     tt = text_tools(base, work)
-    audio_root = Path(args.audio_root) if args.audio_root else default_audio_root()
-    feats = clip_features(clips, experts, audio_root, Path(args.data).resolve().parent, cache_dir(args) / "clips")
+    feats = clip_features(clips, experts, audio_root, csv_dir, cache_dir(args) / "clips")
     splits = {}
     for name in ("train", "dev", "val"):
         idx = [i for i, c in enumerate(clips) if split_of[c.package] == name]
