@@ -213,9 +213,9 @@ def test_tight_budget_keeps_blocks_fp32_and_holds(tiny_clap_bundle: Path, tmp_pa
     assert loose["budget_met"] and loose["blocks_fp32"] == [] and loose["shipped"] == "int8"
     tight_cos = (loose["achieved"]["min_cosine"] + 1.0) / 2  # stricter than the whole graph in int8 reaches
     rep = quantize_under_budget(src, tmp_path / "b.onnx", feats, "audio_embeds", Budget(min_cosine=tight_cos), cache_dir=tmp_path, progress=False, latency_rounds=2)
-    assert rep["sensitivity_searched"] if rep["budget_met"] else True
+    assert "sensitivity" in rep  # the whole graph missed the tighter budget, so blocks were ranked
     if rep["budget_met"]:
-        assert rep["blocks_fp32"] and rep["shipped"] == "mixed"
+        assert rep["sensitivity_searched"] and rep["blocks_fp32"] and rep["shipped"] == "mixed"
         again = embedding_metrics(run_model(src, feats, "audio_embeds"), run_model(tmp_path / "b.onnx", feats, "audio_embeds"))
         assert again["min_cosine"] >= tight_cos and again["nn_identity"] == 1.0
         assert rep["size_int8_bytes"] > loose["size_int8_bytes"]
