@@ -229,8 +229,13 @@ def parse_query_message(payload: bytes | str) -> QueryMessage:
         return QueryMessage.model_validate(obj)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "(message)"
+        loc = _one_line(".".join(str(p) for p in err["loc"])) or "(message)"
         raise QueryRejected(f"query message field {loc}: {err['msg']}") from exc
+
+
+def _one_line(text: str, limit: int = 120) -> str:
+    """A wire-supplied name made safe for a one-line message (control characters escaped)."""
+    return text[:limit].encode("unicode_escape").decode("ascii")
 
 
 def _reject_constant(name: str) -> Any:
@@ -297,7 +302,7 @@ def parse_event(payload: bytes | str) -> Event:
         return Event.model_validate_json(payload)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "(event)"
+        loc = _one_line(".".join(str(p) for p in err["loc"])) or "(event)"
         raise QueryRejected(f"event field {loc}: {err['msg']}") from exc
 
 
@@ -334,5 +339,5 @@ def parse_status(payload: bytes | str) -> Status:
         return Status.model_validate_json(payload)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "(status)"
+        loc = _one_line(".".join(str(p) for p in err["loc"])) or "(status)"
         raise QueryRejected(f"status field {loc}: {err['msg']}") from exc

@@ -175,13 +175,13 @@ payloads = st.one_of(
 )
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(payload=payloads)
 def test_parse_never_raises_anything_but_query_rejected(payload: bytes) -> None:
     try:
         msg = parse_query_message(payload)
     except QueryRejected as exc:
-        assert str(exc) and "\n" not in str(exc)[:200]
+        assert str(exc) and "\n" not in str(exc)
         return
     # whatever parses is a coherent message whose vectors decode or are rejected cleanly
     assert isinstance(msg, QueryMessage)
