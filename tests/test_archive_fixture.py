@@ -27,28 +27,22 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE_LIST = REPO / "data" / "fixture.csv"
 
-# category of data/fixture.csv -> the fixed text query for it (words a user would type)
+# category of data/fixture.csv -> the fixed text query for it (the words a user would type; chosen
+# before any result was seen, and not tuned). The distractor_* categories get no query: their
+# clips only compete.
 FIXED_QUERIES: dict[str, str] = {
-    "dog": "a dog barking",
-    "siren": "an ambulance siren",
-    "engine": "a car engine running",
-    "gunshot": "gunshots",
-    "speech": "people talking",
-    "fireworks": "fireworks exploding",
-    "rain": "rain falling",
-    "thunder": "thunder in a storm",
     "bird": "a bird singing",
-    "birdsong": "a bird singing",
-    "water": "running water in a stream",
-    "wind": "wind blowing",
-    "chainsaw": "a chainsaw cutting wood",
-    "power_tools": "a power drill",
-    "footsteps": "footsteps",
-    "knock": "knocking on a door",
-    "baby": "a baby crying",
-    "laughter": "people laughing",
-    "insect": "insects buzzing",
-    "frog": "frogs croaking",
+    "car_horn": "a car horn honking",
+    "engine": "a car engine running",
+    "explosion": "an explosion",
+    "farm_animal": "farm animals",
+    "frog_insect": "frogs and insects calling at night",
+    "gunshot": "gunshots",
+    "power_tool": "a power drill",
+    "scream": "a person screaming",
+    "siren": "a siren",
+    "speech": "people talking",
+    "thunder": "thunder",
 }
 MIN_CATEGORIES = 3  # fewer fixed categories on disk than this: the test cannot say much, skip
 
