@@ -22,21 +22,15 @@ from ..daemon import Daemon
 from ..defaults import default_policy, default_threshold, merge_overlays
 from ..errors import ConfigError, EdgeRetrievalError
 from ..policy import PolicyOverlay
-from ..scenes import build_stream, read_fixture, sounds_dir
+from ..scenes import DETECTION_QUERIES, build_stream, read_fixture, sounds_dir
 from ..sinks import ListSink, TableSink
 from ..sources import FileSource
 from .run import local_queries, summary_line
 
 DEFAULT_BUNDLE = Path.home() / ".cache" / "edge-retrieval" / "bundles" / "birdnet-fp32"
 REPO = Path(__file__).resolve().parents[2]
-# demo query -> fixture categories that count as that sound
-DEMO_QUERIES: dict[str, tuple[str, ...]] = {
-    "chainsaw sound": ("chainsaw",),
-    "gunshot": ("gunshot",),
-    "dog barking": ("dog",),
-    "bird singing": ("bird",),
-    "siren": ("siren",),
-}
+# demo query -> fixture categories that count as that sound ("dog barking" has none: it should stay quiet)
+DEMO_QUERIES = DETECTION_QUERIES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,6 +70,8 @@ def pick_clips(fixture: Path) -> list:
     clips = read_fixture(fixture)
     chosen = []
     for cats in DEMO_QUERIES.values():
+        if not cats:
+            continue
         pool = [c for c in clips if c.category in cats]
         pool.sort(key=lambda c: (c.split != "test", c.clip_id))
         if pool:
