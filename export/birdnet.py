@@ -240,6 +240,7 @@ def cut_backbone(data: bytes) -> bytes:
 
 def tflite_to_onnx(tflite_path: Path, onnx_path: Path, opset: int = 17) -> None:
     """Convert the cut backbone with tf2onnx (imports tensorflow: seconds, not at module load)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ banner off the console
     try:
         import tensorflow  # noqa: F401  (tf2onnx needs it; import here to name the real cause)
     except ImportError as exc:

@@ -93,6 +93,19 @@ def test_numpy_frontend_reproduces_the_tflite_spectrogram(birdnet_bundle: Bundle
     assert np.abs(spec - spec_ref).max() <= 1e-4 * scale
 
 
+def test_folded_frontend_agrees_with_rfft(birdnet_bundle: Bundle) -> None:
+    from edge_retrieval.frontends.birdnet import BirdnetFrontend, BirdnetParams, load_constants
+
+    e = birdnet_bundle.manifest.expert("birdnet")
+    p = BirdnetParams.from_dict(e.frontend.params)
+    arrays = load_constants(birdnet_bundle.path(p.constants))
+    wins = _windows(4, seed=3)
+    a, b = BirdnetFrontend(p, arrays, "rfft")(wins), BirdnetFrontend(p, arrays, "folded")(wins)
+    assert np.abs(a - b).max() <= 5e-4 * np.abs(a).max()
+    with pytest.raises(ValueError, match="method"):
+        BirdnetFrontend(p, arrays, "dct")
+
+
 def test_frontend_constants_come_from_the_tflite(birdnet_bundle: Bundle) -> None:
     from edge_retrieval.export.birdnet import _load_model, read_frontend
 
