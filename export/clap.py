@@ -82,11 +82,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-cosine", type=float, default=0.99, help="int8 budget: min cosine to fp32 (default 0.99)")
     p.add_argument("--cache-dir", help="int8 sensitivity cache (default ~/.cache/edge-retrieval/sensitivity)")
     p.add_argument("--name", help="bundle name (default from the checkpoint)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
 
 def run(args: argparse.Namespace) -> int:
     """CLI entry: every failure leaves as one project error (the CLI prints it on one line)."""
-    export_clap(
+    root = export_clap(
         checkpoint=args.checkpoint,
         out=args.out,
         precision=args.precision,
@@ -98,6 +99,18 @@ def run(args: argparse.Namespace) -> int:
         budget=Budget(metric="embedding", min_cosine=args.min_cosine),
         cache_dir=args.cache_dir,
         name=args.name,
+        quiet=getattr(args, "quiet", False),
+    )
+    from edge_retrieval.bundle import load_bundle
+
+    b = load_bundle(root, part="all")
+    s, e = b.summary(), b.manifest.expert(EXPERT)
+    q = e.quantization or {}
+    par = (e.parity or {}).get("device_path_vs_torch", {})
+    print(
+        f"wrote {s['path']}: space {s['space_id'][:12]}, audio {e.precision} {s['experts'][0]['mb']} MB, "
+        f"total {s['total_mb']} MB; device path vs torch min cosine {par.get('min_cosine', float('nan')):.6f}"
+        + (f"; int8 budget {'met' if q.get('budget_met') else 'NOT met (shipped fp32)'}" if q else "")
     )
     return 0
 

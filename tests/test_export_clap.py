@@ -312,13 +312,17 @@ def test_not_a_clap_checkpoint(tmp_path: Path) -> None:
 def test_cli_errors_are_one_line(tiny_clap_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from edge_retrieval.cli import main
 
-    rc = main(["export", "clap", "--checkpoint", "no-such-org/no-such-clap", "--out", str(tmp_path / "o")])
+    rc = main(["export", "clap", "--quiet", "--checkpoint", "no-such-org/no-such-clap", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc != 0 and len(err) == 1 and "no-such-org/no-such-clap" in err[0]
+    assert rc != 0 and len(err) == 1 and "no-such-org/no-such-clap" in err[0], err
+    assert not (tmp_path / "o").exists()
     (tmp_path / "o").mkdir()
     rc = main(["export", "clap", "--checkpoint", str(tiny_clap_checkpoint), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc != 0 and len(err) == 1 and "already exists" in err[0]
+    errors = [line for line in err if "error" in line]
+    assert rc != 0 and len(errors) == 1 and "already exists" in errors[0], err
+    assert not any("Traceback" in line for line in err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("edge_retrieval.export.cli") is None, reason="export CLI not present yet")
