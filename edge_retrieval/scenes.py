@@ -90,9 +90,9 @@ def build_stream(
     rng = np.random.default_rng(seed)
     amp = 10 ** (noise_dbfs / 20)
 
-    def floor(seconds: float) -> np.ndarray:
+    def floor(seconds: float, n: int | None = None) -> np.ndarray:
         # brownish noise: a field-recording floor rather than white hiss
-        w = rng.standard_normal(int(seconds * rate)).astype(np.float32)
+        w = rng.standard_normal(n if n is not None else int(seconds * rate)).astype(np.float32)
         b = np.cumsum(w) * 0.02
         b -= np.convolve(b, np.ones(256) / 256, mode="same")
         b = 0.5 * b / (np.std(b) + 1e-9) + 0.5 * w
@@ -103,7 +103,7 @@ def build_stream(
     segs = []
     for c in clips:
         x = load_clip(c.path, rate, max_clip_s)
-        x = x + floor(x.size / rate)[: x.size]
+        x = x + floor(0.0, x.size)
         segs.append(Segment(c, t, t + x.size / rate))
         parts.append(x)
         t += x.size / rate

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 thr, v = max(results, key=key)
             else:  # absent category: silent on dev, with a margin
                 silent = [t for t, v in results if v["tp"] + v["fp"] == 0]
-                thr = min(0.95, (min(silent) if silent else 0.95) + 0.1)
+                thr = round(min(0.95, (min(silent) if silent else 0.95) + 0.1), 3)
                 v = dict(results)[max(t for t in GRID if t <= thr)]
             chosen[q.query_id] = thr
             per_q[q.query_id] = v
