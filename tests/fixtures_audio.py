@@ -271,10 +271,11 @@ def pulse_null_sink():  # noqa: ANN201
     def play(path: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(["paplay", "--device=fieldmic", str(path)], env=env)
 
+    play.state = {"started": started}  # type: ignore[attr-defined]  # a test that restarts the server sets it
     try:
         yield play
     finally:
         if mod.isdigit():
             _pactl("unload-module", mod, check=False)
-        if started:
+        if play.state["started"]:  # type: ignore[attr-defined]
             subprocess.run(["pulseaudio", "--kill"], capture_output=True, timeout=30)

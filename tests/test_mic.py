@@ -100,6 +100,7 @@ def test_mic_reopens_after_the_server_goes_away(pulse_null_sink, tmp_path) -> No
         subprocess.run(["pulseaudio", "--kill"], capture_output=True, timeout=20)
         assert _wait(lambda: src.state != "open", 15)
         subprocess.run(["pulseaudio", "--start", "--exit-idle-time=-1"], capture_output=True, timeout=30)
+        pulse_null_sink.state["started"] = True  # ours now: the fixture stops it at the end
         subprocess.run(["pactl", "load-module", "module-null-sink", "sink_name=fieldmic"], capture_output=True, timeout=10)
         subprocess.run(["pactl", "set-default-source", "fieldmic.monitor"], capture_output=True, timeout=10)
         before = n["blocks"]
