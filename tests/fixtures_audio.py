@@ -243,7 +243,7 @@ def _pactl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="session")
 def pulse_null_sink():  # noqa: ANN201
-    """A running PulseAudio with a null sink ``fieldmic`` whose monitor is the default source.
+    """A running PulseAudio with a null sink ``fieldmic<pid>`` whose monitor PortAudio records.
 
     Yields a function ``play(path)`` that plays a file into the sink (paplay). Starts the
     server if none runs and stops it again at the end.
@@ -263,18 +263,24 @@ def pulse_null_sink():  # noqa: ANN201
             time.sleep(0.1)
         else:
             pytest.fail(f"pulseaudio did not start: {r.stderr.strip()[:300]}")
-    mod = _pactl("load-module", "module-null-sink", "sink_name=fieldmic").stdout.strip()
-    _pactl("set-default-sink", "fieldmic")
-    _pactl("set-default-source", "fieldmic.monitor")
+    sink = f"fieldmic{os.getpid()}"  # one per test session: concurrent runs do not hear each other
+    mod = _pactl("load-module", "module-null-sink", f"sink_name={sink}").stdout.strip()
+    old_source = os.environ.get("PULSE_SOURCE")
+    os.environ["PULSE_SOURCE"] = f"{sink}.monitor"  # what PortAudio's "pulse" device records
     env = dict(os.environ)
 
     def play(path: Path) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(["paplay", "--device=fieldmic", str(path)], env=env)
+        return subprocess.Popen(["paplay", f"--device={sink}", str(path)], env=env)
 
+    play.sink = sink  # type: ignore[attr-defined]
     play.state = {"started": started}  # type: ignore[attr-defined]  # a test that restarts the server sets it
     try:
         yield play
     finally:
+        if old_source is None:
+            os.environ.pop("PULSE_SOURCE", None)
+        else:
+            os.environ["PULSE_SOURCE"] = old_source
         if mod.isdigit():
             _pactl("unload-module", mod, check=False)
         if play.state["started"]:  # type: ignore[attr-defined]
