@@ -143,31 +143,38 @@ class BirdnetFrontend:
         x = np.asarray(windows, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != p.window_samples:
             raise ValueError(f"expected windows [B, {p.window_samples}], got {list(x.shape)}")
+        out = np.empty((x.shape[0], p.branches[0].n_mels, self.n_frames, len(p.branches)), np.float32)
+        # one window at a time: the STFT intermediates (~8 MB a window) stay bounded and in cache;
+        # a batch of 8 at once was slower per window and doubled the daemon's peak memory
+        for i in range(x.shape[0]):
+            self._one(x[i : i + 1], out[i : i + 1])
+        return out
+
+    def _one(self, x: np.ndarray, out: np.ndarray) -> None:
+        """``x [1, window]`` -> ``out [1, mels, frames, branches]`` (written in place)."""
+        p = self.params
         x = x - x.min(axis=1, keepdims=True)
         x = x / (x.max(axis=1, keepdims=True) + np.float32(p.eps))
         x = (x - np.float32(0.5)) * np.float32(2.0)
-        out = np.empty((x.shape[0], p.branches[0].n_mels, self.n_frames, len(p.branches)), np.float32)
         for c, b in enumerate(p.branches):
             frames = np.lib.stride_tricks.sliding_window_view(x, b.frame, axis=1)[:, :: b.hop][:, : self.n_frames]
             sp = self.sparse[c]
             if self.method == "folded":
-                spec = np.ascontiguousarray(frames) @ self.matrices[c]  # [B, frames, mels]
+                spec = np.ascontiguousarray(frames) @ self.matrices[c]  # [1, frames, mels]
                 flipped = False
             elif sp is not None:
                 real = np.fft.rfft(frames * self.windows[c], axis=-1).real
-                gathered = real[..., sp.bins]  # [B, frames, nnz] float32, a fresh array
+                gathered = real[..., sp.bins]  # [1, frames, nnz] float32, a fresh array
                 gathered *= sp.weights
-                spec = np.add.reduceat(gathered, sp.starts, axis=-1)  # [B, frames, mels], bands flipped
+                spec = np.add.reduceat(gathered, sp.starts, axis=-1)  # [1, frames, mels], bands flipped
                 flipped = True
             else:
                 real = np.fft.rfft(frames * self.windows[c], axis=-1).real
-                n = x.shape[0] * self.n_frames
-                spec = (np.ascontiguousarray(real).reshape(n, -1) @ self.mels_t[c]).reshape(x.shape[0], self.n_frames, -1)
+                spec = (np.ascontiguousarray(real[0]) @ self.mels_t[c])[None]
                 flipped = False
             spec = np.square(spec, out=spec)
             spec = np.power(spec, np.float32(b.power), out=spec)
             out[..., c] = (spec if flipped else spec[:, :, ::-1]).transpose(0, 2, 1)
-        return out
 
 
 def load_constants(path: Path) -> dict[str, np.ndarray]:
