@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,8 +110,29 @@ def resolve_audio(clip: Clip, audio_root: Path, csv_dir: Path) -> Path:
 
 
 def caption_key(caption: str) -> str:
-    """Normalised caption: clips whose keys are equal are relevant to each other's captions."""
+    """Normalised caption text: lower case, words of letters and digits only."""
     return " ".join("".join(ch.lower() if ch.isalnum() else " " for ch in caption).split())
+
+
+_SPOKEN_ITEM = re.compile(r"\b(letter|number|syllable)\s+('[^']*'|\"[^\"]*\"|\S+)")
+_PARENS = re.compile(r"\([^)]*\)")
+SPEECH_PREFIXES = ("a voice saying", "a woman saying", "a woman speaking")  # data/README.md's speech templates
+
+
+def caption_class(caption: str) -> str:
+    """Relevance class of a caption: clips of one class are relevant to each other's captions.
+
+    The normalised caption without what was spoken: the parenthesised item ("... (snowflake)")
+    and the token after letter/number/syllable ("the syllable 'dam' in Malayalam" -> "the
+    syllable in malayalam"). No expert here recognises words, so those parts name no audible
+    difference; sound-effect captions stay as they are. Fixed before any result was seen.
+    """
+    return caption_key(_SPOKEN_ITEM.sub(r"\1", _PARENS.sub(" ", caption.lower())))
+
+
+def is_speech_class(cls: str) -> bool:
+    """Templated spoken-word captions (ktuberling, klettres, asterisk), reported apart."""
+    return cls.startswith(SPEECH_PREFIXES)
 
 
 def split_packages(clips: list[Clip], seed: int, val_frac: float = 0.25, dev_frac: float = 0.15,
@@ -290,7 +312,7 @@ class Split:
     text: np.ndarray  # [N, 384] unit caption embeddings
     label_w: np.ndarray | None  # [N, 6522] label-bridge weights of each caption
     label_fit: np.ndarray  # [N] best cosine of each caption to the label texts
-    keys: list[str]  # normalised captions
+    keys: list[str]  # relevance class of each caption (caption_class)
 
     @property
     def clip_mean(self) -> dict[str, np.ndarray]:
@@ -311,7 +333,7 @@ def make_split(clips: list[Clip], feats: list[dict[str, np.ndarray]], tt: TextTo
             r = tt.bridge.resolve(cap)
             label_w[i] = r.vector.dense(windows["probs"].shape[1])
             label_fit[i] = r.fit
-    return Split(clips, windows, seg, text, label_w, label_fit, [caption_key(c) for c in captions])
+    return Split(clips, windows, seg, text, label_w, label_fit, [caption_class(c) for c in captions])
 
 
 def caption_fits(text: np.ndarray, train: Split, exclude_packages: list[str] | None = None) -> np.ndarray:
@@ -325,25 +347,50 @@ def caption_fits(text: np.ndarray, train: Split, exclude_packages: list[str] | N
 
 @dataclass
 class Queries:
-    """Evaluation queries of a split: one per distinct normalised caption."""
+    """Evaluation queries of a split: one per distinct caption (as ``edge-retrieval evaluate``)."""
 
     texts: list[str]
     text: np.ndarray  # [Q, 384]
     fits: np.ndarray  # [Q, 2]
     label_w: np.ndarray | None  # [Q, 6522]
-    relevant: np.ndarray  # [Q, N] bool
+    relevant: np.ndarray  # [Q, N] bool: the clips of the caption's class
+    speech: np.ndarray  # [Q] bool: templated spoken-word caption
 
 
 def queries_of(split: Split, train: Split) -> Queries:
     first: dict[str, int] = {}
-    for i, k in enumerate(split.keys):
-        first.setdefault(k, i)
+    for i, c in enumerate(split.clips):
+        first.setdefault(c.caption, i)
     idx = np.asarray(list(first.values()))
     keys = np.asarray(split.keys)
     text = split.text[idx]
     fits = np.stack([split.label_fit[idx], caption_fits(text, train)], axis=1)
     return Queries([split.clips[i].caption for i in idx], text, fits,
-                   None if split.label_w is None else split.label_w[idx], keys[idx][:, None] == keys[None, :])
+                   None if split.label_w is None else split.label_w[idx], keys[idx][:, None] == keys[None, :],
+                   np.asarray([is_speech_class(k) for k in keys[idx]], bool))
+
+
+def cap_per_class(split: Split, cap: int | None, seed: int) -> Split:
+    """At most ``cap`` clips per (package, class), seeded: thins the word lists of the speech
+    packages (hundreds of near-identical voices) so they do not fill every training batch."""
+    if not cap:
+        return split
+    rng = np.random.default_rng(seed)
+    by: dict[tuple[str, str], list[int]] = {}
+    for i, (c, k) in enumerate(zip(split.clips, split.keys, strict=True)):
+        by.setdefault((c.package, k), []).append(i)
+    keep = sorted(i for v in by.values() for i in (v if len(v) <= cap else rng.choice(v, cap, replace=False).tolist()))
+    return take_clips(split, keep)
+
+
+def take_clips(split: Split, keep: list[int]) -> Split:
+    """A Split of the given clip indices (window rows follow)."""
+    rows = np.concatenate([np.arange(split.seg[i], split.seg[i + 1]) for i in keep])
+    lens = np.asarray([split.seg[i + 1] - split.seg[i] for i in keep])
+    return Split([split.clips[i] for i in keep], {e: v[rows] for e, v in split.windows.items()},
+                 np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), split.text[keep],
+                 None if split.label_w is None else split.label_w[keep], split.label_fit[keep],
+                 [split.keys[i] for i in keep])
 
 
 def clip_max(s: np.ndarray, seg: np.ndarray) -> np.ndarray:
@@ -516,6 +563,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--dim", type=int, default=256, help="shared space dimension")
+    p.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature")
+    p.add_argument("--cap-per-class", type=int, default=0,
+                   help="training clips kept per (package, caption class); 0 keeps all")
     p.add_argument("--subset", type=int, help="use only N clips (seeded, spread over packages): CI smoke runs")
     p.add_argument("--val-packages", help="comma list of validation packages (default: seeded ~25%% of clips)")
     p.add_argument("--audio-root", help="folder of extracted packages (default $EDGE_RETRIEVAL_SOUNDS or ~/.cache/...)")
@@ -602,10 +652,12 @@ def main(args: argparse.Namespace) -> int:
     # the feature cache and the exported helpers (aisfx ONNX, MiniLM) live under --cache
     prep = prepare(args, cache_dir(args) / "work")
     sp = prep["splits"]
-    cfg = TrainConfig(dim=args.dim, epochs=args.epochs, seed=args.seed, gating=not args.no_gating)
+    cfg = TrainConfig(dim=args.dim, epochs=args.epochs, seed=args.seed, gating=not args.no_gating,
+                      temperature=args.temperature)
     emb = [e for e in wanted if e != "bridge"]
-    trained = fit_model(sp["train"], sp["dev"], emb, "bridge" in wanted, cfg)
-    qv = queries_of(sp["val"], sp["train"])
+    train = cap_per_class(sp["train"], args.cap_per_class, args.seed)
+    trained = fit_model(train, sp["dev"], emb, "bridge" in wanted, cfg)
+    qv = queries_of(sp["val"], train)
     val_map = map_at_10(mixture_scores(trained, sp["val"], qv), qv.relevant)
     recipe = {
         "data": str(args.data), "data_sha256": prep["data_sha256"], "subset": args.subset, "seed": args.seed,
@@ -613,14 +665,15 @@ def main(args: argparse.Namespace) -> int:
         "experts": trained.gate_names, "hop_s": prep["hop_s"],
         "base_space_id": prep["base"].manifest.space.id if prep["base"] is not None else None,
         "packages": {k: sorted(p for p, s in prep["split_of"].items() if s == k) for k in ("train", "dev", "val")},
-        "clips": {k: len(v.clips) for k, v in sp.items()},
+        "clips": {**{k: len(v.clips) for k, v in sp.items()}, "train_used": len(train.clips)},
+        "relevance": "clips whose caption_class() is equal; one query per distinct caption",
         "metrics": {"dev_mAP@10": max((h.get("val_mAP@10", 0.0) for h in trained.history), default=0.0),
                     "val_mAP@10": val_map, "val_queries": len(qv.texts)},
         "command": "edge-retrieval train " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items()) if v not in (None, False) and k not in ("out", "overwrite")),
     }
     weights = Path(args.weights_out) if args.weights_out else out.with_name(out.name + ".weights")
-    save_weights(trained, sp["train"], weights, recipe)
+    save_weights(trained, train, weights, recipe)
     b = build_bundle(weights, out, prep["base"], prep["tt"].encoder_files, overwrite=args.overwrite)
     print(f"wrote {b.root} (space {b.manifest.space.id[:12]}..., experts {b.manifest.expert_names}); "
           f"validation mAP@10 {val_map:.3f} on {len(qv.texts)} queries; weights in {weights}")

@@ -82,7 +82,7 @@ def test_bundle_loads_on_device_path(trained: dict[str, Path]) -> None:
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
     recipe = json.loads((trained["a"] / "moee" / "recipe.json").read_text())
     assert recipe["seed"] == 0 and recipe["subset"] == 40 and len(recipe["data_sha256"]) == 64
-    assert sum(recipe["clips"].values()) == 40
+    assert sum(recipe["clips"][k] for k in ("train", "dev", "val")) == 40
     assert not set(recipe["packages"]["train"]) & set(recipe["packages"]["val"])
 
 
@@ -132,3 +132,47 @@ def test_bad_csv_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture
     assert cli(["train", "--data", str(bad), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing column" in err[0] and "package" in err[0]
+
+
+def test_caption_class_drops_only_the_spoken_item() -> None:
+    from edge_retrieval.export.train import caption_class, is_speech_class
+
+    assert caption_class("a voice saying the syllable 'dam' in Malayalam") == "a voice saying the syllable in malayalam"
+    assert caption_class("a voice saying the letter C in English") == "a voice saying the letter in english"
+    assert caption_class("a voice saying a word in Russian (snowflake)") == "a voice saying a word in russian"
+    assert caption_class("a woman saying the number 5") == "a woman saying the number"
+    assert caption_class("Helicopter engine, heard from outside") == "helicopter engine heard from outside"
+    assert is_speech_class(caption_class("a woman speaking a recorded telephone message (goodbye)"))
+    assert not is_speech_class(caption_class("small explosion"))
+
+
+def test_experts_on_one_file_share_one_run(trained: dict[str, Path], tmp_path: Path) -> None:
+    """Two experts on one ONNX file (as BirdNET labels + embedding): one session run per batch,
+    the same vectors as each expert alone."""
+    from edge_retrieval import load_bundle
+    from edge_retrieval.bundle import BundleWriter
+    from edge_retrieval.expert import AudioExpert, load_experts
+
+    a = load_bundle(trained["a"], part="device")
+    spec = a.manifest.device.experts[0]
+    raw = spec.model_dump(mode="json")
+    raw.update(name="raw", projection_file=None, dim=512)
+    with BundleWriter(tmp_path / "two", overwrite=True) as w:
+        for rel, entry in a.manifest.files.items():
+            w.add_file(a.path(rel), rel, part=entry.part)
+        b = w.commit({"name": "two", "licence": a.manifest.licence, "space": {"kind": "joint", "id": "0" * 64},
+                      "device": {"experts": [spec.model_dump(mode="json"), raw], "hop_s": 1.0}})
+    experts = load_experts(b)
+    runs = []
+    sess = experts[0].encoder.run.fn.session  # type: ignore[union-attr]
+    real_run = sess.run
+    sess.run = lambda names, feeds: runs.append(names) or real_run(names, feeds)  # count, then run
+    rng = np.random.default_rng(3)
+    x = (0.1 * rng.standard_normal((2, experts[0].window_samples))).astype(np.float32)
+    got = [e.embed(x.copy()) for e in experts]
+    assert len(runs) == 1
+    for e, g in zip(experts, got, strict=True):
+        np.testing.assert_array_equal(g, AudioExpert(b, e.spec).embed(x.copy()))
+    assert got[0].shape == (2, spec.dim) and got[1].shape == (2, 512)
+    experts[0].embed(x + 0.01)  # new input: runs again
+    assert len(runs) == 2
