@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         notes["dev_grid"][name] = tried
         if gating:
             qv = T.queries_of(val, trn)
-            notes["mean_gate_val"] = dict(zip(m.gate_names, np_gates(m, qv.text, qv.fits).mean(0).round(3).tolist(), strict=True))
+            notes.setdefault("mean_gate_val", {})[name] = dict(zip(m.gate_names, np_gates(m, qv.text, qv.fits).mean(0).round(3).tolist(), strict=True))
 
     qd, qv = T.queries_of(dev, tr), T.queries_of(val, tr)
     for e in emb:
