@@ -10,7 +10,12 @@ covers. The result is a reviewable data file, ``export/data/birdnet_label_texts.
 
 Kinds come from the taxonomy: genera of frogs/toads (Anura), crickets/katydids (Orthoptera),
 bees, and mammals are listed below; the common name's head noun ("... Treefrog", "... Trig")
-catches the rest, and a genus takes the kind of any of its labels. Birds are the default.
+catches the rest, and a genus takes the kind of any of its labels. Birds are the default. Each
+event class has a kind of its own (Engine: vehicle, Gun and Fireworks: explosion, Dog: mammal...).
+
+**Groups** are pseudo-labels appended after the model's labels (``GROUPS``): "Any bird" is the
+max over every bird label's logit, folded into the ONNX graph at export, so a generic query
+("bird singing") has one label that rises on any bird instead of 64 arbitrary species.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DATA_CSV = Path(__file__).resolve().parent / "data" / "birdnet_label_texts.csv"
-KINDS = ("bird", "frog", "insect", "mammal", "event")
+KINDS = ("bird", "frog", "insect", "mammal", "human", "vehicle", "tool", "explosion", "alarm", "weather", "noise")
+TAXA = ("bird", "frog", "insect", "mammal")
 
 # Event classes (label "X_X"): the sounds each one covers, as a person would search for them.
 # Alternatives are separated by "; " and encoded one by one (a label's similarity is the best of
@@ -47,14 +53,46 @@ EVENT_TEXTS: dict[str, str] = {
     "Siren": "a siren; a police siren; an ambulance siren; a fire engine siren; an alarm",
 }
 
-# One prototype per taxon kind: what "it is a bird" means to the sentence encoder. Events use
-# their own texts. The label bridge compares a query with these to catch surface-word matches.
-KIND_TEXTS: dict[str, str] = {
-    "bird": "a bird call or song; birds singing; a bird chirping",
-    "frog": "a frog or toad calling; frogs croaking",
-    "insect": "an insect chirping or buzzing; crickets; katydids; cicadas",
-    "mammal": "a mammal call; an animal howling or barking",
+# The kind of each event class (a branch of the AudioSet ontology: Animal, Human sounds, Vehicle,
+# Tools, Explosion, Alarm, Natural sounds, Noise).
+EVENT_KINDS: dict[str, str] = {
+    "Dog": "mammal", "Engine": "vehicle", "Environmental": "weather", "Fireworks": "explosion", "Gun": "explosion",
+    "Human non-vocal": "human", "Human vocal": "human", "Human whistle": "human", "Noise": "noise",
+    "Power tools": "tool", "Siren": "alarm",
 }
+
+# Kind prototypes: what "it is a bird / a vehicle / ..." means to the sentence encoder, written
+# from the AudioSet ontology's branch names (not from any query list). The label bridge's first
+# softmax is over kinds (a kind's similarity is the best of its prototypes and its labels), so a
+# query that reads like a vehicle sound ("car horn") cannot land on a bird by a shared word.
+KIND_TEXTS: dict[str, str] = {
+    "bird": "a bird call or song; birds singing; a bird chirping; birdsong; a bird",
+    "frog": "a frog or toad calling; frogs croaking; a frog; a toad",
+    "insect": "an insect chirping or buzzing; crickets; katydids; cicadas; an insect; bees buzzing",
+    "mammal": "a mammal call; an animal howling or barking; a wild animal; a dog; a cat; livestock; cattle; "
+    "a horse; sheep; a pig",
+    "human": "a person; people; a human voice; speech; a shout; a scream; laughter; crying; footsteps; "
+    "clapping; whistling",
+    "vehicle": "a vehicle; a car; a truck; a motorcycle; road traffic; an engine; an aircraft; a train; "
+    "a boat; a vehicle horn",
+    "tool": "a power tool; a drill; a saw; a hammer; a chainsaw; machinery; construction work",
+    "explosion": "an explosion; a gunshot; gunfire; fireworks; a bang; a blast",
+    "alarm": "an alarm; a siren; a bell; a buzzer; a warning signal",
+    "weather": "weather; rain; wind; thunder; a storm; water; waves",
+    "noise": "noise; static; hiss; electrical hum; white noise",
+}
+
+# Group pseudo-labels: (label, kind, text). A group's members are every model label of its kind;
+# its output is the max of their logits (export/birdnet.py folds it into the graph).
+GROUPS: tuple[tuple[str, str, str], ...] = (
+    ("Group bird_Any bird", "bird", "birds; birdsong; birds singing; bird calls; birds chirping"),
+    ("Group frog_Any frog or toad", "frog", "frogs; toads; frogs croaking; frogs calling; a frog chorus"),
+    ("Group insect_Any insect", "insect", "insects; insects chirping; insects buzzing; crickets chirping; "
+     "katydids; cicadas"),
+    ("Group mammal_Any mammal", "mammal", "mammals; animal sounds; wild animals calling; an animal howling"),
+    ("Group human_Any human sound", "human", "human sounds; people; a person; human activity"),
+    ("Group explosion_Any explosion or shot", "explosion", "explosions; bangs; blasts; shots and explosions"),
+)
 
 # Off-topic texts: none names a sound BirdNET knows. The label bridge's fit floor is the 95th
 # percentile of their best cosines, so a query below it fits the labels no better than these do.
@@ -111,7 +149,7 @@ def classify(labels: Sequence[str]) -> list[str]:
     for label in labels:
         sci, common = split_label(label)
         if sci == common and sci in EVENT_TEXTS:
-            kinds.append("event")
+            kinds.append(EVENT_KINDS[sci])
             continue
         genus, head = sci.split(" ")[0], head_noun(common)
         kind = "bird"
@@ -122,12 +160,27 @@ def classify(labels: Sequence[str]) -> list[str]:
         kinds.append(kind)
     by_genus: dict[str, str] = {}
     for label, kind in zip(labels, kinds, strict=True):
-        if kind not in ("bird", "event"):
+        if kind in TAXA and kind != "bird" and not is_event(label):
             by_genus.setdefault(split_label(label)[0].split(" ")[0], kind)
     return [
-        by_genus.get(split_label(lab)[0].split(" ")[0], k) if k == "bird" else k
+        by_genus.get(split_label(lab)[0].split(" ")[0], k) if k == "bird" and not is_event(lab) else k
         for lab, k in zip(labels, kinds, strict=True)
     ]
+
+
+def is_event(label: str) -> bool:
+    """An event class of the model (``Dog_Dog``), not a species."""
+    sci, common = split_label(label)
+    return sci == common and sci in EVENT_TEXTS
+
+
+def group_members(kinds: Sequence[str], n_model: int) -> list[list[int]]:
+    """For each of GROUPS, the model label indices (< ``n_model``) of its kind."""
+    out = [[i for i, k in enumerate(kinds[:n_model]) if k == kind] for _, kind, _ in GROUPS]
+    for (name, _, _), m in zip(GROUPS, out, strict=True):
+        if len(m) < 2:
+            raise ValueError(f"group {name!r} has {len(m)} member labels; a group needs at least 2")
+    return out
 
 
 def _article(word: str) -> str:
@@ -137,7 +190,7 @@ def _article(word: str) -> str:
 def label_text(label: str, kind: str) -> str:
     """The sentence the encoder sees for one label."""
     sci, common = split_label(label)
-    if kind == "event":
+    if is_event(label):
         return EVENT_TEXTS[sci]
     genus = sci.split(" ")[0]
     noun = head_noun(common).lower()
@@ -158,9 +211,17 @@ def split_alternatives(text: str) -> list[str]:
     return [t.strip() for t in text.split(";") if t.strip()]
 
 
+def all_labels(labels: Sequence[str]) -> list[str]:
+    """The model's labels followed by the group pseudo-labels (the exported output order)."""
+    return [*labels, *(g[0] for g in GROUPS)]
+
+
 def build_rows(labels: Sequence[str]) -> list[tuple[int, str, str, str]]:
+    """CSV rows: the model's labels, then one row per group."""
     kinds = classify(labels)
-    return [(i, lab, k, label_text(lab, k)) for i, (lab, k) in enumerate(zip(labels, kinds, strict=True))]
+    rows = [(i, lab, k, label_text(lab, k)) for i, (lab, k) in enumerate(zip(labels, kinds, strict=True))]
+    rows += [(len(labels) + j, name, kind, text) for j, (name, kind, text) in enumerate(GROUPS)]
+    return rows
 
 
 def rows_to_csv(rows: Sequence[tuple[int, str, str, str]]) -> str:
@@ -172,7 +233,7 @@ def rows_to_csv(rows: Sequence[tuple[int, str, str, str]]) -> str:
 
 
 def read_label_texts(path: Path, labels: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(kinds, texts) from the reviewed CSV, checked row by row against the model's label order."""
+    """(kinds, texts) from the reviewed CSV, checked row by row against ``labels`` (model + groups)."""
     from edge_retrieval.errors import ExportError
 
     with open(path, newline="", encoding="utf-8") as f:

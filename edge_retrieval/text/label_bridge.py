@@ -2,15 +2,22 @@
 
 Each label has a text that says what it is (``Barking Owl, an owl, a bird call or song``; event
 classes list their sounds as ``"; "``-separated alternatives). The export stage encodes them
-once with the sentence encoder; here the query is encoded, a label's similarity is the best
-cosine over its alternatives, and the weights are a softmax at the bundle's temperature, cut to
-the ``max_labels`` largest and renormalised (the query travels sparse).
+once with the sentence encoder; here the query is encoded and a label's similarity is the best
+cosine over its alternatives. Weights are a **hierarchical softmax**:
+p(label | q) = p(kind | q) * p(label | kind, q). Every label (and every group pseudo-label such
+as "Any bird") has a kind (bird, frog, insect, mammal, human, vehicle, tool, explosion, alarm,
+weather, noise); a kind's similarity is the best of its prototypes and its labels. So "car horn"
+puts its mass on the vehicle kind, not on Hornbill by a shared word, and "bird singing" puts it
+on the bird kind, where "Any bird" beats every single species. Both softmaxes run at temperatures
+recorded in the manifest; the result is cut to the ``max_labels`` largest and renormalised (the
+query travels sparse). A bundle without ``kind_temperature`` gets the flat softmax over labels.
 
 Two warnings, both calibrated at export and recorded in the manifest:
 - **fit**: the best cosine is below ``fit_floor`` (the 95th percentile of what off-topic texts
   such as "quarterly tax report" reach): nothing the tagger knows matches the text;
-- **kind**: the text is closer to another *kind* (bird, frog, insect, mammal or an event class)
-  than to the best label itself, e.g. "cicada" -> Common Cicadabird: a surface-word match.
+- **kind**: a surface-word match: the label with the closest name is of another kind than the
+  one the weights went to ("car horn" -> Helmeted Hornbill set aside for Engine), or the text
+  reads more like another kind than like the label it landed on.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ class BridgeParams:
     label_texts: str
     temperature: float
     fit_floor: float
+    kind_temperature: float | None = None
+    temperature_basis: str = ""
     max_labels: int = MAX_LABELS
     max_tokens: int = 256
     model: str = ""
@@ -54,8 +63,10 @@ class BridgeParams:
             p = cls(**params)
         except TypeError as exc:
             raise BundleError(f"label_bridge params: {exc}") from exc
-        if not 0 < p.temperature <= 1:
-            raise BundleError(f"label_bridge temperature {p.temperature!r} must be in (0, 1]")
+        for name in ("temperature", "kind_temperature"):
+            t = getattr(p, name)
+            if t is not None and not 0 < t <= 1:
+                raise BundleError(f"label_bridge {name} {t!r} must be in (0, 1]")
         if not 1 <= p.max_labels <= MAX_LABELS:
             raise BundleError(f"label_bridge max_labels {p.max_labels!r} must be in 1..{MAX_LABELS}")
         return p
@@ -69,7 +80,7 @@ class LabelIndex:
     alt_label: np.ndarray  # [A] label index of each alternative
     label_kind: np.ndarray  # [N] index into kind_names
     kind_names: list[str]
-    proto_vectors: np.ndarray  # [P, D] unit float32, taxon kinds only
+    proto_vectors: np.ndarray  # [P, D] unit float32, kind prototypes
     proto_kind: np.ndarray  # [P] index into kind_names
 
     @property
@@ -111,13 +122,16 @@ class LabelIndex:
         np.maximum.at(s, self.alt_label, self.alt_vectors @ q)
         return s
 
-    def kind_similarity(self, q: np.ndarray, label_sim: np.ndarray) -> np.ndarray:
-        """[K] per kind: best prototype cosine (taxa) or best label cosine (event classes)."""
+    def proto_similarity(self, q: np.ndarray) -> np.ndarray:
+        """[K] per kind: best cosine of ``q`` over the kind's prototypes (-inf: none)."""
         k = np.full(len(self.kind_names), -np.inf, np.float32)
         np.maximum.at(k, self.proto_kind, self.proto_vectors @ q)
-        events = self.label_kind == self.kind_names.index("event") if "event" in self.kind_names else None
-        if events is not None and events.any():
-            k[self.kind_names.index("event")] = label_sim[events].max()
+        return k
+
+    def kind_similarity(self, q: np.ndarray, label_sim: np.ndarray) -> np.ndarray:
+        """[K] per kind: the best of its prototypes and its labels."""
+        k = self.proto_similarity(q)
+        np.maximum.at(k, self.label_kind, label_sim)
         return k
 
 
@@ -126,6 +140,30 @@ def softmax_weights(sim: np.ndarray, temperature: float, max_labels: int) -> tup
     z = (sim - sim.max()) / temperature
     w = np.exp(z.astype(np.float64))
     w /= w.sum()
+    k = min(max_labels, w.size)
+    top = np.argpartition(-w, k - 1)[:k]
+    top = top[np.argsort(-w[top], kind="stable")]
+    kept = w[top]
+    return top, kept / kept.sum()
+
+
+def hierarchical_weights(sim: np.ndarray, kind_sim: np.ndarray, label_kind: np.ndarray, kind_temperature: float,
+                         temperature: float, max_labels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, weights): p(kind) * p(label | kind), the ``max_labels`` largest, renormalised.
+
+    ``sim`` [N] label cosines, ``kind_sim`` [K] kind similarities, ``label_kind`` [N] kind of each
+    label. Kinds without labels get no mass.
+    """
+    n_kinds = kind_sim.shape[0]
+    has = np.bincount(label_kind, minlength=n_kinds) > 0
+    ks = np.where(has, kind_sim, -np.inf).astype(np.float64)
+    pk = np.exp((ks - ks[has].max()) / kind_temperature)
+    pk /= pk.sum()
+    best = np.full(n_kinds, -np.inf)
+    np.maximum.at(best, label_kind, sim.astype(np.float64))
+    e = np.exp((sim - best[label_kind]) / temperature)
+    z = np.bincount(label_kind, weights=e, minlength=n_kinds)
+    w = pk[label_kind] * e / z[label_kind]
     k = min(max_labels, w.size)
     top = np.argpartition(-w, k - 1)[:k]
     top = top[np.argsort(-w[top], kind="stable")]
@@ -160,31 +198,50 @@ class LabelBridge(TextSide):
                 f"{len(self.names)}, the expert outputs {n_model}"
             )
 
+    def weights(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(indices, weights, label cosines [N], kind similarities [K]) of one unit query vector."""
+        p = self.params
+        sim = self.index.label_similarity(q)
+        ksim = self.index.kind_similarity(q, sim)
+        if p.kind_temperature is None:
+            idx, w = softmax_weights(sim, p.temperature, p.max_labels)
+        else:
+            idx, w = hierarchical_weights(sim, ksim, self.index.label_kind, p.kind_temperature, p.temperature,
+                                          p.max_labels)
+        return idx, w, sim, ksim
+
     def resolve(self, text: str) -> Resolution:
         p = self.params
         q = self.encoder.encode([text])[0]
-        sim = self.index.label_similarity(q)
-        idx, w = softmax_weights(sim, p.temperature, p.max_labels)
+        idx, w, sim, _ = self.weights(q)
         best = int(idx[0])
-        fit = float(sim[best])
+        nearest = int(np.argmax(sim))
+        fit = float(sim[nearest])
         kinds = self.index.kind_names
-        ksim = self.index.kind_similarity(q, sim)
+        proto = self.index.proto_similarity(q)
         top_kind = kinds[int(self.index.label_kind[best])]
+        near_kind = kinds[int(self.index.label_kind[nearest])]
         mass = {k: float(w[self.index.label_kind[idx] == i].sum()) for i, k in enumerate(kinds)}
         warning = None
         if fit < p.fit_floor:
             warning = (
                 f"{text!r} matches no {self.expert} label well (best cosine {fit:.2f} < floor "
-                f"{p.fit_floor:.2f}, nearest {self.names[best]!r}); the query may never fire"
+                f"{p.fit_floor:.2f}, nearest {self.names[nearest]!r}); the query may never fire"
+            )
+        elif near_kind != top_kind:
+            warning = (
+                f"{text!r} reads like {_a(top_kind)} sound: weights go to {self.names[best]!r}; the label with "
+                f"the closest name, {self.names[nearest]!r} ({near_kind}, cosine {fit:.2f}), matches a word only"
             )
         else:
-            other = [(float(ksim[i]), k) for i, k in enumerate(kinds) if k != top_kind and np.isfinite(ksim[i])]
+            own = float(sim[best])
+            other = [(float(proto[i]), k) for i, k in enumerate(kinds) if k != top_kind and np.isfinite(proto[i])]
             if other:
                 s_other, k_other = max(other)
-                if s_other > fit:
+                if s_other > own:
                     warning = (
                         f"{text!r} reads like {_a(k_other)} sound (cosine {s_other:.2f}) more than its best "
-                        f"label {self.names[best]!r} ({top_kind}, cosine {fit:.2f}): a name match, check the labels"
+                        f"label {self.names[best]!r} ({top_kind}, cosine {own:.2f}): a name match, check the labels"
                     )
         return Resolution(
             expert=self.expert,
