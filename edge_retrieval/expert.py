@@ -7,8 +7,11 @@ embeddings (joint / trained spaces).
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -85,6 +88,50 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(x, -15.0, 15.0)))
 
 
+class _LastCall:
+    """Remembers one call of a pure function: the last input (a copy) and its outputs (read-only).
+
+    Several experts of one bundle may share a front end or an ONNX file (BirdNET's labels and its
+    embedding); when the next expert passes equal input, the shared work is not done again.
+    Bounded: one batch of inputs and outputs (a few MB for 8 BirdNET windows).
+    """
+
+    def __init__(self, fn: Callable[[np.ndarray], Any]) -> None:
+        self.fn = fn
+        self._lock = threading.Lock()
+        self._x: np.ndarray | None = None
+        self._out: Any = None
+
+    def __call__(self, x: np.ndarray) -> Any:
+        with self._lock:
+            last = self._x
+            if last is not None and (x is last or (x.shape == last.shape and x.dtype == last.dtype
+                                                   and np.array_equal(x, last))):
+                return self._out
+            out = self.fn(x)
+            outs = [o.copy() if (o is x or o.base is x) else o for o in (out if isinstance(out, list) else [out])]
+            for o in outs:
+                o.flags.writeable = False  # shared between experts: nobody may change it
+            self._x = x if not x.flags.writeable else x.copy()  # a read-only input is kept as is
+            self._out = outs if isinstance(out, list) else outs[0]
+            return self._out
+
+
+class _SharedOutputs:
+    """One expert's view (its output names, in order) of an encoder run shared by several experts."""
+
+    def __init__(self, run: _LastCall, names: Sequence[str], expert: str) -> None:
+        self.run = run
+        self.all_names: list[str] = run.fn.output_names  # type: ignore[attr-defined]
+        self.pick = [self.all_names.index(n) for n in names]
+        self.output_names = list(names)
+        self.expert = expert
+
+    def __call__(self, feats: np.ndarray) -> list[np.ndarray]:
+        outs = self.run(feats)
+        return [outs[i] for i in self.pick]
+
+
 class AudioExpert:
     """Front end + encoder for one expert of a bundle."""
 
@@ -95,19 +142,38 @@ class AudioExpert:
         threads: int = 1,
         providers: Sequence[str] | None = None,
         extra_outputs: Sequence[str] = (),
+        *,
+        shared: dict[tuple[str, ...], Any] | None = None,
     ) -> None:
+        """``shared`` (given by ``load_experts``): front ends and encoder runs that experts on the
+        same file and front end reuse, so each runs once per batch of windows."""
         self.spec = spec
         self.name = spec.name
         self.sample_rate = spec.sample_rate
         self.window_samples = int(round(spec.window_s * spec.sample_rate))
-        self.frontend = make_frontend(spec.frontend.kind, spec.frontend.params, root=bundle.root)
+        fe_key = ("frontend", spec.frontend.kind, json.dumps(spec.frontend.params, sort_keys=True, default=str))
+        if shared is not None and fe_key in shared:
+            self.frontend = shared[fe_key]
+        else:
+            self.frontend = make_frontend(spec.frontend.kind, spec.frontend.params, root=bundle.root)
+            if shared is not None:
+                self.frontend = shared[fe_key] = _LastCall(self.frontend)
         for o in extra_outputs:
             if o not in spec.extra_outputs:
                 raise BundleError(f"expert {spec.name!r} has no extra output {o!r}; has {sorted(spec.extra_outputs)}")
         self.extra_names = list(extra_outputs)
-        self.encoder = OnnxEncoder(
-            str(bundle.path(spec.file)), spec.input_name, [spec.output_name, *self.extra_names], threads, providers
-        )
+        names = [spec.output_name, *self.extra_names]
+        enc_key = ("encoder", spec.file, spec.input_name)
+        self.encoder: OnnxEncoder | _SharedOutputs
+        if shared is not None and enc_key in shared:
+            self.encoder = _SharedOutputs(shared[enc_key], names, spec.name)
+        else:
+            self.encoder = OnnxEncoder(str(bundle.path(spec.file)), spec.input_name,
+                                       shared.get(("outputs", spec.file), names) if shared is not None else names,
+                                       threads, providers)
+            if shared is not None:
+                shared[enc_key] = _LastCall(self.encoder)
+                self.encoder = _SharedOutputs(shared[enc_key], names, spec.name)
         self.projection: tuple[np.ndarray, np.ndarray] | None = None
         if spec.projection_file:
             with np.load(bundle.path(spec.projection_file)) as z:
@@ -149,4 +215,13 @@ class AudioExpert:
 def load_experts(
     bundle: Bundle, threads: int = 1, providers: Sequence[str] | None = None
 ) -> list[AudioExpert]:
-    return [AudioExpert(bundle, spec, threads, providers) for spec in bundle.manifest.device.experts]
+    """The bundle's experts; experts on one ONNX file share one session (the union of their
+    outputs) and one front end, so BirdNET listed twice (labels + embedding) runs once a window."""
+    specs = bundle.manifest.device.experts
+    per_file: dict[str, list[str]] = {}
+    for spec in specs:
+        per_file.setdefault(spec.file, []).append(spec.output_name)
+    if all(len(v) == 1 for v in per_file.values()) and len({s.frontend.kind for s in specs}) == len(specs):
+        return [AudioExpert(bundle, spec, threads, providers) for spec in specs]
+    shared: dict[tuple[str, ...], Any] = {("outputs", f): list(dict.fromkeys(v)) for f, v in per_file.items()}
+    return [AudioExpert(bundle, spec, threads, providers, shared=shared) for spec in specs]
