@@ -1,7 +1,10 @@
 """The daemon end to end on a recording: CPU seconds per second of audio by stage, peak RSS.
 
-Each configuration (thread count) runs in a fresh Python process, so its peak RSS
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) is the daemon's own: the device part of the
+Each configuration runs in a fresh Python process, so its peak RSS is the daemon's own. Peak
+RSS is the kernel's high-water mark of the process's memory map (``VmHWM``), read at the end;
+``resource.getrusage(RUSAGE_SELF).ru_maxrss`` is kept beside it, but on Linux it carries the
+parent's high-water mark across fork + exec (a bench parent holding CLAP reported 2.2 GB for
+every child), so it is only an upper bound. The daemon gets the device part of the
 bundle only (no text encoder), the queries compiled beforehand by the parent and passed as
 JSON, a non-live file source read as fast as inference goes, no sinks but a counter. The
 per-stage CPU split is the daemon's own ``stage_cpu_s`` (thread CPU time of the thread doing
@@ -83,19 +86,29 @@ def compile_queries(bundle_dir: Path, texts: Sequence[str]) -> list[str]:
     return [m.to_json().decode("utf-8") for m in msgs]
 
 
-def _rss_mb() -> float:
+def _ru_maxrss_mb() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return round(kb / 1024.0, 1)
 
 
-def _current_rss_mb() -> float | None:
+def _status_mb(key: str) -> float | None:
+    """A ``/proc/self/status`` memory line (VmRSS, VmHWM) in MiB; None off Linux."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{key}:"):
                 return round(int(line.split()[1]) / 1024.0, 1)
     except OSError:
         return None
     return None
+
+
+def _current_rss_mb() -> float | None:
+    return _status_mb("VmRSS")
+
+
+def _peak_rss_mb() -> float:
+    hwm = _status_mb("VmHWM")
+    return hwm if hwm is not None else _ru_maxrss_mb()
 
 
 def _arena_off() -> None:
@@ -150,7 +163,8 @@ def worker(
         "events": h.get("events"),
         "rss_after_imports_mb": rss_imports,
         "rss_loaded_mb": rss_loaded,
-        "peak_rss_mb": _rss_mb(),
+        "peak_rss_mb": _peak_rss_mb(),
+        "ru_maxrss_mb": _ru_maxrss_mb(),
     }
 
 

@@ -296,17 +296,26 @@ def plot(res: dict[str, Any], out_dir: Path) -> list[Path]:
 # --------------------------------------------------------------------------- CLI
 
 
+def is_bench_results(data: Any) -> bool:
+    """A results file of ``edge-retrieval bench`` (other programs share benchmarks/results/)."""
+    return isinstance(data, dict) and isinstance(data.get("board"), dict) and "schema" in data
+
+
 def load_results(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """Bench results among ``paths``, sorted by board; other JSON files (evaluate's) are skipped."""
     out = []
     for p in paths:
         try:
             data = json.loads(Path(p).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise SystemExit(f"report: cannot read results {str(p)!r}: {exc}") from exc
-        if not isinstance(data, dict) or "board" not in data:
-            raise SystemExit(f"report: {str(p)!r} is not a bench results file (no 'board')")
+        if not is_bench_results(data):
+            print(f"report: skipping {str(p)!r}: not an edge-retrieval bench results file", file=sys.stderr)
+            continue
         out.append(data)
-    return out
+    if not out:
+        raise SystemExit("report: no bench results among the files given (expected benchmarks/results/<board>.json)")
+    return sorted(out, key=lambda d: str(d["board"].get("name", "")))
 
 
 def update_readme(path: Path, text: str) -> None:
