@@ -60,7 +60,7 @@ def _matrix_bytes(snap: Snapshot) -> int:
     """Bytes of the snapshot's scoring arrays (dense matrix, or CSR labels/weights/starts)."""
     total = 0
     for e in snap.experts.values():
-        for name in ("matrix", "labels", "weights", "starts"):
+        for name in ("rows", "labels", "weights", "starts"):
             a = getattr(e, name, None)
             total += 0 if a is None else int(a.nbytes)
     return total

@@ -4,7 +4,9 @@ A query carries one vector per expert and a weight per expert (weights are norma
 so a score stays in its expert's range). Per expert the matcher keeps one matrix whose columns
 are the queries' weighted vectors:
 
-- embedding experts (joint / trained spaces): dense ``M [dim, nq]``; scores = ``X @ M``;
+- embedding experts (joint / trained spaces): dense, one row per query ``Q [nq, dim]``; scores
+  = ``einsum('bd,qd->bq', X, Q)``: numpy's own loops, not BLAS, whose thread pool made one
+  window's product 8x slower (8 ms vs 0.9 ms for 10,000 queries) on a loaded 2-core board;
 - labels experts: queries are sparse (<= 64 labels each), kept sparse: one flat array of every
   query's label indices and weights, grouped by query (CSR). scores = per-query sums of
   ``P[:, idx] * w`` (``np.add.reduceat``): work and memory grow with the number of nonzeros
@@ -115,7 +117,10 @@ def compile_query(msg: QueryMessage, manifest: Manifest) -> CompiledQuery:
 @dataclass(frozen=True)
 class _ExpertMatrix:
     index: np.ndarray | None  # None = all outputs (dense)
-    matrix: np.ndarray  # [dim, nq] float32, expert weight folded in
+    rows: np.ndarray  # [nq, dim] float32, C-contiguous, expert weight folded in
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        return np.einsum("bd,qd->bq", x, self.rows)
 
 
 @dataclass(frozen=True)
@@ -153,7 +158,7 @@ class Snapshot:
         out: np.ndarray | None = None
         for name, em in self.experts.items():
             x = np.asarray(vectors[name], np.float32)
-            part = em.score(x) if isinstance(em, _SparseExpert) else x @ em.matrix
+            part = em.score(x)
             out = part if out is None else out + part
         assert out is not None
         return out.astype(np.float32, copy=False)
@@ -179,8 +184,8 @@ def _build(queries: tuple[CompiledQuery, ...], dims: dict[str, int]) -> Snapshot
                 np.unique(flat).astype(np.int64), flat, np.concatenate(weights).astype(np.float32), starts
             )
         else:
-            m = np.stack([q.dense[name] * np.float32(q.weights[name]) for q in queries], axis=1).astype(np.float32)
-            experts[name] = _ExpertMatrix(None, np.ascontiguousarray(m.reshape(dim, len(queries))))
+            m = np.stack([q.dense[name] * np.float32(q.weights[name]) for q in queries], axis=0)
+            experts[name] = _ExpertMatrix(None, np.ascontiguousarray(m.reshape(len(queries), dim), np.float32))
     return Snapshot(queries, np.asarray([q.threshold for q in queries], np.float32), experts)
 
 
