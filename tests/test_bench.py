@@ -72,9 +72,11 @@ def test_sparse_snapshot_scores_equal_the_dense_reference_with_many_queries() ->
         idx, w = q.sparse["birdnet"]
         ref[idx, j] = w
     np.testing.assert_allclose(snap.score({"birdnet": x}), x @ ref, rtol=1e-5, atol=1e-7)
-    # a query with no label scores 0 and leaves its neighbours alone
+    assert type(snap.experts["birdnet"]).__name__ == "_PaddedSparseExpert"  # equal sizes: one padded table
+    # mixed sizes (and a query with no label) take the CSR path scores 0 and leaves its neighbours alone
     empty = CompiledQuery("e", 1, "e", 0.1, None, {"birdnet": 1.0}, {}, {"birdnet": (np.zeros(0, np.int64), np.zeros(0, np.float32))})
     snap2 = _build((qs[0], empty, qs[1]), {"birdnet": 500})
+    assert type(snap2.experts["birdnet"]).__name__ == "_SparseExpert"
     got = snap2.score({"birdnet": x})
     np.testing.assert_allclose(got[:, 1], 0.0)
     np.testing.assert_allclose(got[:, [0, 2]], (x @ ref)[:, :2], rtol=1e-5, atol=1e-7)
