@@ -53,7 +53,10 @@ def test_generic_bird_query_goes_to_the_bird_group(qb: QueryBuilder) -> None:
 
 def test_car_horn_goes_to_a_vehicle_not_to_hornbills(qb: QueryBuilder, kind_of: dict[str, str]) -> None:
     r = _res(qb, "car horn")
-    assert not any(kind_of[name] == "bird" for name, _ in r.top[:5]), r.top[:5]
+    # the 64-slot vector fills its tail from the next kinds (hornbills at ~1e-5 each): what counts
+    # is that no bird carries weight
+    assert not any(kind_of[name] == "bird" and w >= 1e-3 for name, w in r.top[:5]), r.top[:5]
+    assert r.extra["kind_mass"].get("bird", 0.0) < 1e-3
     assert r.extra["top_kind"] == "vehicle" and r.top[0][0] == "Engine"
     # the closest name is a hornbill: the warning says it was set aside as a word match
     assert r.warning is not None and "Hornbill" in r.warning and "word" in r.warning
@@ -63,7 +66,7 @@ def test_scream_goes_to_human_vocal(qb: QueryBuilder) -> None:
     for text in ("scream", "a person screaming"):
         r = _res(qb, text)
         assert r.top[0][0] == "Human vocal" and r.top[0][1] > 0.5, (text, r.top[:5])
-        assert "Screamer" not in " ".join(n for n, _ in r.top[:3])
+        assert sum(w for n, w in r.top if "Screamer" in n) < 0.02, r.top[:5]
 
 
 @pytest.mark.parametrize(
@@ -117,8 +120,8 @@ def test_surface_word_match_warns(qb: QueryBuilder) -> None:
     r = _res(qb, "cicada")  # no cicada label; "Common Cicadabird" matches the word only
     if r.extra["top_kind"] == "bird":
         assert r.warning is not None and "insect" in r.warning
-    else:
-        assert r.extra["top_kind"] == "insect" and r.warning is not None and "Cicadabird" in r.warning
+    else:  # the insect group ("cicadas" is one of its texts) takes it: no word match left to warn about
+        assert r.top[0][0] == "Any insect" and r.extra["kind_mass"].get("bird", 0.0) < 1e-3, r.top[:3]
     for text in ("hammering", "wind"):
         r = _res(qb, text)
         assert r.extra["top_kind"] not in ("bird", "frog", "insect") or r.warning is not None, (text, r.top[:3])
