@@ -2,6 +2,8 @@
 
     edge-retrieval train --data data/captions.csv --out bundles/moee [--base BUNDLE] [--seed 0]
                          [--epochs 60] [--subset N] [--audio-root DIR] [--cache DIR]
+    edge-retrieval train --from-weights export/data/moee --base BUNDLE --out bundles/moee
+                         (no training data: the committed weights on the given base bundle)
 
 Pipeline (Oncescu et al. 2021 after Miech et al.'s MoEE):
 1. read ``path,caption,package,licence`` rows; split train / dev / validation **by package**
@@ -473,20 +475,77 @@ def _array_digest(path: Path) -> str:
         return hashlib.sha256(b"".join(np.ascontiguousarray(z[k], "<f4").tobytes() for k in ("W", "b"))).hexdigest()
 
 
+TEXT_DIM = 384  # MiniLM sentence embedding
+EXPERT_IN = {BIRDNET_EMB: 1024, AISFX: 512}  # raw embedding width each projection reads
+
+
+def check_weights(weights: Path) -> tuple[dict[str, Any], list[str], bool, int]:
+    """(recipe, gate order, learned gate?, shared dim) of a weights folder; one-line ConfigError if unusable."""
+    weights = Path(weights)
+    if not weights.is_dir():
+        raise ConfigError(f"weights folder {str(weights)!r} does not exist (expected recipe.json, text.npz, proj_*.npz)")
+    try:
+        recipe = json.loads((weights / "recipe.json").read_text(encoding="utf-8"))
+        dim = int(recipe["config"]["dim"])
+    except OSError as exc:
+        raise ConfigError(f"cannot read {str(weights / 'recipe.json')!r}: {exc.strerror or exc}") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{str(weights / 'recipe.json')!r} is not a training recipe (needs config.dim): {exc}") from exc
+    try:
+        with np.load(weights / "text.npz") as z:
+            gate_names = [str(e) for e in z["experts"]]
+            has_gate = "gate_W" in z
+            text_shapes = {e: z[f"text_W_{e}"].shape for e in gate_names if e != "bridge"}
+    except (OSError, KeyError, ValueError) as exc:
+        raise ConfigError(f"cannot read the text side {str(weights / 'text.npz')!r}: {exc}") from exc
+    for e, shape in text_shapes.items():
+        if e not in EXPERT_IN:
+            raise ConfigError(f"{str(weights / 'text.npz')!r}: unknown expert {e!r} (expected {sorted(EXPERT_IN)})")
+        if shape != (TEXT_DIM, dim):
+            raise ConfigError(f"{str(weights / 'text.npz')!r}: text_W_{e} is {list(shape)}, expected [{TEXT_DIM}, {dim}]")
+        f = weights / f"proj_{e}.npz"
+        try:
+            with np.load(f) as z:
+                wshape, bshape = z["W"].shape, z["b"].shape
+        except (OSError, KeyError, ValueError) as exc:
+            raise ConfigError(f"cannot read the projection {str(f)!r}: {exc}") from exc
+        if wshape != (EXPERT_IN[e], dim) or bshape != (dim,):
+            raise ConfigError(f"{str(f)!r}: W {list(wshape)}, b {list(bshape)}; expected [{EXPERT_IN[e]}, {dim}] and [{dim}]")
+    return recipe, gate_names, has_gate, dim
+
+
+def check_base(base: Bundle) -> None:
+    """The base must carry BirdNET with its 1024-d embedding output and a label-bridge text side."""
+    try:
+        spec = base.manifest.expert(BIRDNET)
+    except BundleError as exc:
+        raise BundleError(f"base bundle {str(base.root)!r} has no {BIRDNET!r} expert (pass the default BirdNET bundle)") from exc
+    if EXPERT_IN[BIRDNET_EMB] not in spec.extra_outputs.values():
+        raise BundleError(f"base bundle {str(base.root)!r}: expert {BIRDNET!r} has no {EXPERT_IN[BIRDNET_EMB]}-d extra output "
+                          f"(has {spec.extra_outputs})")
+    if not any(t.expert == BIRDNET and t.kind == "label_bridge" for t in base.require_server().text):
+        raise BundleError(f"base bundle {str(base.root)!r} has no label_bridge text side for {BIRDNET!r}")
+    if len(base.labels(BIRDNET)) != spec.dim:
+        raise BundleError(f"base bundle {str(base.root)!r}: {len(base.labels(BIRDNET))} labels for output dim {spec.dim}")
+
+
 def build_bundle(weights: Path, out: Path, base: Bundle | None, encoder_files: tuple[Path, Path] | None = None,
                  overwrite: bool = False) -> Bundle:
     """Assemble a mixture bundle from saved weights (and the base bundle for BirdNET + label bridge)."""
     from . import aisfx
 
-    recipe = json.loads((weights / "recipe.json").read_text(encoding="utf-8"))
-    with np.load(weights / "text.npz") as z:
-        gate_names = [str(e) for e in z["experts"]]
-        has_gate = "gate_W" in z
+    recipe, gate_names, has_gate, dim = check_weights(weights)
     emb_experts = [e for e in gate_names if e != "bridge"]
     use_bridge = "bridge" in gate_names
     if (BIRDNET_EMB in emb_experts or use_bridge) and base is None:
         raise ConfigError(f"weights {str(weights)!r} use BirdNET: pass --base with the default BirdNET bundle")
-    dim = int(recipe["config"]["dim"])
+    if base is not None:
+        check_base(base)
+        if recipe.get("base_space_id") not in (None, base.manifest.space.id):
+            # the projections read BirdNET's 1024-d embedding, the same for every label set of the
+            # base; the bridge expert has no trained weights and follows the base's labels
+            log.info("weights were trained against base space %s...; building on %s... (%d labels)",
+                     str(recipe["base_space_id"])[:12], base.manifest.space.id[:12], base.manifest.expert(BIRDNET).dim)
     experts: list[dict[str, Any]] = []
     digests: list[tuple[str, str]] = []
     text_specs: list[dict[str, Any]] = []
@@ -546,7 +605,10 @@ def build_bundle(weights: Path, out: Path, base: Bundle | None, encoder_files: t
                                                       "inputs": "minilm + label_fit + caption_fit",
                                                       "learned": has_gate}},
             "created_by": "edge-retrieval train",
-            "notes": {"recipe": {k: recipe[k] for k in ("data_sha256", "seed", "epochs", "best_epoch", "metrics") if k in recipe}},
+            "notes": {"recipe": {k: recipe[k] for k in ("data_sha256", "seed", "epochs", "best_epoch", "metrics",
+                                                        "base_space_id") if k in recipe},
+                      "base": None if base is None else {"name": base.manifest.name, "space_id": base.manifest.space.id,
+                                                         "labels": base.manifest.expert(BIRDNET).dim}},
         })
 
 
@@ -554,7 +616,9 @@ def build_bundle(weights: Path, out: Path, base: Bundle | None, encoder_files: t
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="captions CSV: path,caption,package,licence")
+    p.add_argument("--data", help="captions CSV: path,caption,package,licence (needed unless --from-weights)")
+    p.add_argument("--from-weights", metavar="DIR",
+                   help="no training: build the bundle from saved weights (e.g. export/data/moee) and --base")
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--base", help="default BirdNET bundle (BirdNET expert + label bridge); omit for aisfx only")
     p.add_argument("--weights-out", help="also keep the trained weights + recipe here (default: OUT.weights)")
@@ -630,7 +694,30 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "splits": splits, "hop_s": hop}
 
 
+def from_weights(args: argparse.Namespace) -> int:
+    """``--from-weights DIR``: rebuild the mixture bundle on (a new version of) the base bundle."""
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"output {str(out)!r} already exists; choose another --out or pass --overwrite")
+    weights = Path(args.from_weights)
+    _, gate_names, _, _ = check_weights(weights)
+    if not args.base and (BIRDNET_EMB in gate_names or "bridge" in gate_names):
+        raise ConfigError(f"weights {str(weights)!r} use BirdNET: pass --base with the default BirdNET bundle")
+    base = load_bundle(args.base, part="all") if args.base else None
+    encoder_files = None
+    if base is None:  # aisfx-only weights: MiniLM is exported here (needs the train extra)
+        encoder_files = text_tools(None, cache_dir(args) / "work").encoder_files
+    b = build_bundle(weights, out, base, encoder_files, overwrite=args.overwrite)
+    dims = ", ".join(f"{e.name} {e.dim}" for e in b.manifest.device.experts)
+    print(f"wrote {b.root} (space {b.manifest.space.id[:12]}..., experts {dims}) from {weights}")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.from_weights:
+        return from_weights(args)
+    if not args.data:
+        raise ConfigError("train needs --data CSV (to train) or --from-weights DIR (to rebuild a bundle)")
     try:
         import torch  # noqa: F401
     except ImportError as exc:

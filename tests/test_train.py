@@ -176,3 +176,75 @@ def test_experts_on_one_file_share_one_run(trained: dict[str, Path], tmp_path: P
     assert got[0].shape == (2, spec.dim) and got[1].shape == (2, 512)
     experts[0].embed(x + 0.01)  # new input: runs again
     assert len(runs) == 2
+
+
+COMMITTED_WEIGHTS = Path(__file__).resolve().parent.parent / "export" / "data" / "moee"
+
+
+def test_committed_weights_build_on_the_base_bundle(birdnet_bundle, tmp_path: Path) -> None:  # noqa: ANN001
+    """`train --from-weights` on the default bundle: the bridge expert follows the base's labels
+    (whatever their count), the projections keep the recipe's dim, device and server paths agree."""
+    from edge_retrieval import load_bundle
+    from edge_retrieval.expert import AudioExpert, load_experts
+    from edge_retrieval.text import QueryBuilder
+
+    if not (COMMITTED_WEIGHTS / "recipe.json").is_file():
+        pytest.skip(f"{COMMITTED_WEIGHTS} has no committed weights")
+    dim = json.loads((COMMITTED_WEIGHTS / "recipe.json").read_text())["config"]["dim"]
+    base = birdnet_bundle
+    n_labels = len(base.labels("birdnet"))
+    args = ["train", "--from-weights", str(COMMITTED_WEIGHTS), "--base", str(base.root)]
+    assert cli([*args, "--out", str(tmp_path / "ens")]) == 0
+    b = load_bundle(tmp_path / "ens", part="all")
+    assert b.manifest.space.kind == "ensemble" and b.manifest.space.id != base.manifest.space.id
+    assert {e.name: e.dim for e in b.manifest.device.experts} == {"birdnet": n_labels, "birdnet_emb": dim, "aisfx": dim}
+    assert b.labels("birdnet") == base.labels("birdnet")
+    assert b.manifest.notes["base"]["space_id"] == base.manifest.space.id
+    # the same weights on the same base: the same space id
+    assert cli([*args, "--out", str(tmp_path / "ens2")]) == 0
+    assert load_bundle(tmp_path / "ens2").manifest.space.id == b.manifest.space.id
+
+    # device path: birdnet_emb is the base's 1024-d embedding through the committed projection
+    experts = {e.name: e for e in load_experts(b)}
+    rng = np.random.default_rng(0)
+    x = (0.1 * rng.standard_normal((2, experts["birdnet"].window_samples))).astype(np.float32)
+    assert experts["birdnet"].embed(x).shape == (2, n_labels)
+    emb = experts["birdnet_emb"].embed(x)
+    bspec = base.manifest.expert("birdnet")
+    emb_out = next(k for k, d in bspec.extra_outputs.items() if d == 1024)
+    _, (raw,) = AudioExpert(base, bspec, extra_outputs=[emb_out]).embed(x, with_extra=True)
+    with np.load(COMMITTED_WEIGHTS / "proj_birdnet_emb.npz") as z:
+        ref = raw @ z["W"] + z["b"]
+    np.testing.assert_allclose(emb, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-5)
+    xa = (0.1 * rng.standard_normal((2, experts["aisfx"].window_samples))).astype(np.float32)
+    assert experts["aisfx"].embed(xa).shape == (2, dim)
+
+    # server path: one vector per expert, the bridge's label indices inside the base's label range
+    msg, res = QueryBuilder(b).build("a bird singing", "q1", threshold=0.3)
+    assert [v.expert for v in msg.vectors] == b.manifest.expert_names
+    assert all("gate" in r.extra for r in res) and abs(sum(msg.weights) - 1.0) < 1e-6
+    bridge = msg.vectors[0].dense(n_labels)
+    assert bridge.shape == (n_labels,) and bridge.sum() > 0
+    assert base.labels("birdnet")[int(np.argmax(bridge))].split("_", 1)[-1] == res[0].top[0][0]  # "Sci_Common"
+    for v in msg.vectors[1:]:
+        assert abs(float(np.linalg.norm(v.dense(dim))) - 1.0) < 1e-4
+
+
+def test_from_weights_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "w"
+    bad.mkdir()
+    (bad / "recipe.json").write_text(json.dumps({"config": {"dim": 8}}))
+    np.savez(bad / "text.npz", experts=np.asarray(["aisfx"]), text_W_aisfx=np.zeros((384, 8)), text_b_aisfx=np.zeros(8),
+             captions=np.zeros((1, 384)))
+    np.savez(bad / "proj_aisfx.npz", W=np.zeros((1024, 8)), b=np.zeros(8))  # aisfx is 512-d
+    cases = [
+        (["--from-weights", str(tmp_path / "none")], "does not exist"),
+        (["--from-weights", str(bad)], "expected [512, 8]"),
+        (["--from-weights", str(COMMITTED_WEIGHTS)], "pass --base"),
+        ([], "--from-weights"),
+    ]
+    for extra, want in cases:
+        assert cli(["train", "--out", str(tmp_path / "o"), *extra]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and want in err[0], err
+    assert not (tmp_path / "o").exists()
