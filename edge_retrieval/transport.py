@@ -60,22 +60,12 @@ def parse_broker_url(url: str) -> BrokerAddress:
 
 def read_credentials_file(path: str | Path) -> tuple[str, str]:
     """``user`` and ``password`` from two lines, or one ``user:password`` line (never logged)."""
-    p = Path(path)
+    from .config import read_credentials  # one parser for the file layout, shared with config checks
+
     try:
-        lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read credentials file {str(p)!r} (expected a readable text file)") from exc
-    if len(lines) == 1 and ":" in lines[0]:
-        user, _, pw = lines[0].partition(":")
-    elif len(lines) == 2:
-        user, pw = lines
-    else:
-        raise ConfigError(
-            f"credentials file {str(p)!r} has an unexpected layout (expected two lines user/password, or user:password)"
-        )
-    if not user or not pw:
-        raise ConfigError(f"credentials file {str(p)!r} has an empty user or password")
-    return user, pw
+        return read_credentials(Path(path))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 @dataclass(frozen=True)
