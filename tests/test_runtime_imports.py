@@ -37,7 +37,7 @@ def test_runtime_modules_import_without_heavy_frameworks() -> None:
     mods = runtime_modules()
     assert "edge_retrieval.bundle" in mods and "edge_retrieval.cli" in mods
     code = BLOCKER + "\nimport importlib\n" + "\n".join(f"importlib.import_module({m!r})" for m in mods)
-    code += "\nprint('imported', %d)" % len(mods)
+    code += f"\nprint('imported', {len(mods)})"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"imported {len(mods)}" in r.stdout
