@@ -16,11 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .clip_outbox import ClipOutbox
 from .errors import StoreError
 from .outbox import Outbox
 from .protocol import (
     Event,
     Status,
+    clip_topic,
     detections_topic,
     device_query_topic,
     group_query_topic,
@@ -106,6 +108,10 @@ class DeviceAgent:
         for topic in self.query_topics():
             self.transport.subscribe(topic, self._on_query, qos=1)
         self.outbox.attach(self._send)
+        clips = getattr(daemon, "clips", None)
+        self.clip_dir: Path | None = Path(clips.dir) if clips is not None else None
+        self.clip_outbox = ClipOutbox(storage / "clip_outbox.sqlite", self.transport)
+        self.transport.add_connect_callback(self.clip_outbox.wake)
         if attach:
             daemon.add_sink(self)
 
@@ -120,6 +126,12 @@ class DeviceAgent:
             self.outbox.put(detections_topic(self.device), event.to_json(), key=event.event_id)
         except StoreError as exc:  # never stop the inference thread; the loss is logged
             log.error("event %s could not be stored: %s", event.event_id, exc)
+        if event.final and event.clip and self.clip_dir is not None:
+            try:
+                self.clip_outbox.put(event.event_id, clip_topic(self.device, event.event_id),
+                                     self.clip_dir / event.clip)
+            except StoreError as exc:
+                log.error("clip of event %s could not be queued: %s", event.event_id, exc)
 
     def close(self) -> None:
         """Sink protocol: the daemon is done; the agent itself stops in ``stop``."""
@@ -128,6 +140,7 @@ class DeviceAgent:
 
     def start(self) -> None:
         self.transport.start()
+        self.clip_outbox.start()
         if self._health_thread is None:
             self._stop.clear()
             self._health_thread = threading.Thread(target=self._health_loop, name="agent-health", daemon=True)
@@ -137,7 +150,8 @@ class DeviceAgent:
         """Deliver what is queued (up to ``drain_s`` seconds while the link is up), say "offline"
         (retained), disconnect, close the stores. Undelivered events stay on disk for next time."""
         end = time.monotonic() + drain_s
-        while self.transport.connected and self.outbox.depth() > 0 and time.monotonic() < end:
+        while (self.transport.connected and (self.outbox.depth() > 0 or self.clip_outbox.depth() > 0)
+               and time.monotonic() < end):
             time.sleep(0.05)
         self._stop.set()
         if self._health_thread is not None:
@@ -146,6 +160,7 @@ class DeviceAgent:
         final = Will(self.status_topic, Status(type="state", state="offline", device=self.device).to_json().encode())
         self.transport.stop(final=final)
         self.outbox.close()
+        self.clip_outbox.close()
         self.queries.close()
 
     # ------------------------------------------------------------------ internals
@@ -192,6 +207,7 @@ class DeviceAgent:
                 "outbox_depth": ob["depth"],
                 "outbox_inflight": ob["inflight"],
                 "outbox_dropped": ob["dropped"],
+                "clip_queue": self.clip_outbox.stats(),
                 "free_mb": None if free_mb is None else round(free_mb, 1),
                 "low_disk": free_mb is not None and free_mb < self.cfg.storage.min_free_mb,
                 "clock": self.clock(),

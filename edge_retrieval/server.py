@@ -36,10 +36,12 @@ from .protocol import (
     Event,
     QueryMessage,
     Status,
+    clip_topic,
     detections_topic,
     device_query_topic,
     group_query_topic,
     parse_event,
+    parse_query_message,
     parse_status,
     sign_message,
     status_topic,
@@ -89,6 +91,9 @@ CREATE TABLE IF NOT EXISTS alerts (
     version INTEGER NOT NULL, threshold REAL NOT NULL, policy TEXT, message TEXT NOT NULL,
     created TEXT NOT NULL, deleted INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS clips (
+    event_id TEXT PRIMARY KEY, device TEXT NOT NULL, path TEXT NOT NULL, bytes INTEGER NOT NULL, received TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS notices (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, device TEXT NOT NULL, kind TEXT NOT NULL,
     detail TEXT
@@ -97,6 +102,8 @@ CREATE TABLE IF NOT EXISTS notices (
 
 EVENT_COLUMNS = ("event_id", "device", "query_id", "query", "score", "start_s", "end_s", "time", "clock",
                  "source", "final", "clip", "site", "lat", "lon", "received", "updated", "messages")
+# what ``detections`` returns: the event columns and the stored clip file (None until it arrives)
+DETECTION_COLUMNS = (*EVENT_COLUMNS, "clip_path")
 
 
 class ServerStore:
@@ -145,17 +152,24 @@ class ServerStore:
                 raise StoreError(f"server database {str(self.path)!r}: cannot store event: {exc}") from exc
         return row is not None and int(row[0]) == 1
 
+    def save_clip(self, event_id: str, device: str, path: Path, size: int) -> None:
+        """Record a received clip (it may arrive before or after its event's messages)."""
+        self._exec("INSERT INTO clips VALUES (?,?,?,?,?) ON CONFLICT(event_id) DO UPDATE SET "
+                   "path=excluded.path, bytes=excluded.bytes, received=excluded.received",
+                   (event_id, device, str(path), int(size), utcnow()))
+
     def detections(self, since: datetime | None = None, limit: int = 100_000) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM detections"
+        cols = ", ".join(f"d.{c}" for c in EVENT_COLUMNS)
+        sql = f"SELECT {cols}, c.path FROM detections d LEFT JOIN clips c ON c.event_id = d.event_id"
         args: tuple[Any, ...] = ()
         if since is not None:
-            sql += " WHERE received >= ?"
+            sql += " WHERE d.received >= ?"
             args = (since.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),)
-        sql += " ORDER BY received, event_id LIMIT ?"
+        sql += " ORDER BY d.received, d.event_id LIMIT ?"
         rows = self._exec(sql, (*args, limit)).fetchall()
         out = []
         for r in rows:
-            d = dict(zip(EVENT_COLUMNS, r, strict=True))
+            d = dict(zip(DETECTION_COLUMNS, r, strict=True))
             d["final"] = bool(d["final"])
             out.append(d)
         return out
@@ -442,22 +456,183 @@ class Webhook:
         self._thread.join(timeout=timeout_s)
 
 
+# --------------------------------------------------------------------------- Home Assistant
+
+
+def _ha_id(text: str) -> str:
+    """Home Assistant object ids allow [A-Za-z0-9_-] only."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text)
+
+
+class HaDiscovery:
+    """Home Assistant MQTT discovery: one ``binary_sensor`` per alert x device seen.
+
+    The config is retained under ``<prefix>/binary_sensor/edge_retrieval_<device>_<alert>/config``;
+    availability follows the device's own status topic (its retained online / offline state,
+    the last will included), and ``ON`` / ``OFF`` go to ``.../state`` when a detection starts and
+    ends (``off_delay`` turns a sensor off if the final update never comes). Alerts are learnt
+    from the retained query topics, so alerts added or removed by the ``alerts`` CLI in another
+    process show up live; removing an alert clears its retained configs (empty payload).
+    A group alert is offered on every device seen (the server does not know group membership).
+    """
+
+    def __init__(self, transport: MqttTransport, store: ServerStore, prefix: str = "homeassistant",
+                 off_delay_s: float = 30.0) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*", prefix or ""):
+            raise ConfigError(f"--ha-prefix {prefix!r} is not valid (expected a topic like homeassistant)")
+        self.transport = transport
+        self.store = store
+        self.prefix = prefix
+        self.off_delay_s = float(off_delay_s)
+        self._lock = threading.Lock()
+        self.alerts: dict[str, tuple[str, str, str]] = {}  # alert id -> (text, target kind, target)
+        self.devices: set[str] = set()
+        self.published: set[tuple[str, str]] = set()  # (device, alert) configs published on this link
+        self.counts = {"configs": 0, "cleared": 0, "states": 0}
+
+    def object_id(self, device: str, alert_id: str) -> str:
+        return _ha_id(f"edge_retrieval_{device}_{alert_id}")
+
+    def config_topic(self, device: str, alert_id: str) -> str:
+        return f"{self.prefix}/binary_sensor/{self.object_id(device, alert_id)}/config"
+
+    def state_topic(self, device: str, alert_id: str) -> str:
+        return f"{self.prefix}/binary_sensor/{self.object_id(device, alert_id)}/state"
+
+    def config(self, device: str, alert_id: str) -> dict[str, Any]:
+        text = self.alerts[alert_id][0]
+        oid = self.object_id(device, alert_id)
+        return {
+            "name": text,
+            "unique_id": oid,
+            "object_id": oid,
+            "state_topic": self.state_topic(device, alert_id),
+            "payload_on": "ON",
+            "payload_off": "OFF",
+            "device_class": "sound",
+            "off_delay": self.off_delay_s,
+            "availability": [{"topic": status_topic(device), "value_template": "{{ value_json.state }}",
+                              "payload_available": "online", "payload_not_available": "offline"}],
+            "device": {"identifiers": [_ha_id(f"edge_retrieval_{device}")], "name": f"edge-retrieval {device}",
+                       "manufacturer": "edge-retrieval", "model": "edge-retrieval device"},
+        }
+
+    def _applies(self, device: str, alert_id: str) -> bool:
+        kind, target = self.alerts[alert_id][1:]
+        return kind == "group" or target == device
+
+    def _publish_config(self, device: str, alert_id: str) -> None:
+        if (device, alert_id) in self.published or not self._applies(device, alert_id):
+            return
+        mid = self.transport.publish(self.config_topic(device, alert_id), json.dumps(self.config(device, alert_id)),
+                                     qos=1, retain=True)
+        if mid is not None:
+            self.published.add((device, alert_id))
+            self.counts["configs"] += 1
+
+    def on_connect(self) -> None:
+        """Load alerts and devices from the store and (re)publish every config; clear removed alerts."""
+        with self._lock:
+            self.published.clear()
+            for a in self.store.alerts(include_deleted=True):
+                if a["deleted"]:
+                    self.alerts.pop(a["id"], None)
+                else:
+                    self.alerts[a["id"]] = (a["text"], a["target_kind"], a["target"])
+            self.devices.update(d["device"] for d in self.store.devices())
+            self.devices.update(r["device"] for r in self.store.detections())
+            for a in self.store.alerts(include_deleted=True):
+                if a["deleted"]:
+                    self._clear(a["id"])
+            for dev in sorted(self.devices):
+                for aid in list(self.alerts):
+                    self._publish_config(dev, aid)
+
+    def _clear(self, alert_id: str) -> None:
+        for dev in sorted(self.devices):
+            self.transport.publish(self.config_topic(dev, alert_id), b"", qos=1, retain=True)
+            self.published.discard((dev, alert_id))
+            self.counts["cleared"] += 1
+
+    def device_seen(self, device: str) -> None:
+        with self._lock:
+            if device in self.devices:
+                return
+            self.devices.add(device)
+            for aid in list(self.alerts):
+                self._publish_config(device, aid)
+
+    def on_query(self, topic: str, payload: bytes, retained: bool) -> None:
+        """A retained query appeared, changed or was removed (tombstone or cleared topic)."""
+        parts = topic.split("/")
+        root = TOPIC_ROOT.split("/")
+        if len(parts) != len(root) + 4 or parts[len(root)] not in ("groups", "devices"):
+            return
+        kind = "group" if parts[len(root)] == "groups" else "device"
+        target, qid = parts[len(root) + 1], parts[len(root) + 3]
+        msg = None
+        if payload:
+            try:
+                msg = parse_query_message(payload)
+            except (QueryRejected, ValueError) as exc:
+                log.warning("Home Assistant discovery: unreadable query on %s: %s", topic, exc)
+                return
+        with self._lock:
+            if msg is None or msg.deleted:
+                if qid in self.alerts:
+                    self.alerts.pop(qid)
+                    self._clear(qid)
+                return
+            held = self.alerts.get(qid)
+            new = (msg.text or qid, kind, target)
+            if held != new:
+                if held is not None:
+                    self._clear(qid)
+                self.alerts[qid] = new
+            for dev in sorted(self.devices):
+                self._publish_config(dev, qid)
+
+    def on_event(self, ev: Event, new: bool) -> None:
+        """ON when a detection starts, OFF when it is final (ON then OFF if only the final came)."""
+        self.device_seen(ev.device)
+        with self._lock:
+            if ev.query_id not in self.alerts or not self._applies(ev.device, ev.query_id):
+                return
+            topic = self.state_topic(ev.device, ev.query_id)
+            states = (["ON"] if new else []) + (["OFF"] if ev.final else [])
+            for st in states:
+                self.transport.publish(topic, st, qos=1, retain=False)
+                self.counts["states"] += 1
+
+
 # --------------------------------------------------------------------------- server
+
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class FleetServer:
-    """Subscribes to every device's detections and status; stores, tracks, forwards."""
+    """Subscribes to every device's detections, status and clips; stores, tracks, forwards."""
 
     def __init__(self, store: ServerStore, transport: MqttTransport, *, webhook: Webhook | None = None,
-                 alerts: AlertManager | None = None, space_id: str | None = None) -> None:
+                 alerts: AlertManager | None = None, space_id: str | None = None,
+                 clips_dir: str | Path | None = None, ha: HaDiscovery | None = None) -> None:
+        """``clips_dir`` defaults to ``clips/`` next to the database; ``ha`` enables HA discovery."""
         self.store = store
         self.transport = transport
         self.webhook = webhook
         self.alerts = alerts or AlertManager(store, transport)
         self.space_id = space_id
-        self.counts = {"events": 0, "new_events": 0, "bad_events": 0, "status": 0, "notices": 0}
+        self.clips_dir = Path(clips_dir).expanduser() if clips_dir is not None else store.path.parent / "clips"
+        self.ha = ha
+        self.counts = {"events": 0, "new_events": 0, "bad_events": 0, "status": 0, "notices": 0,
+                       "clips": 0, "bad_clips": 0}
         transport.subscribe(detections_topic("+"), self._on_detection, qos=1)
         transport.subscribe(status_topic("+"), self._on_status, qos=1)
+        transport.subscribe(clip_topic("+", "+"), self._on_clip, qos=1)
+        if ha is not None:
+            transport.subscribe(group_query_topic("+", "+"), ha.on_query, qos=1)
+            transport.subscribe(device_query_topic("+", "+"), ha.on_query, qos=1)
+            transport.add_connect_callback(ha.on_connect)
         transport.add_connect_callback(self._on_connect)
 
     def start(self) -> None:
@@ -505,6 +680,8 @@ class FleetServer:
             log.error("cannot store event %s: %s", ev.event_id, exc)
             return
         self.counts["events"] += 1
+        if self.ha is not None:
+            self.ha.on_event(ev, new)
         if new:
             self.counts["new_events"] += 1
             log.info("detection %s: %s %.3f on %s", ev.event_id[:8], ev.query, ev.score, ev.device)
@@ -524,6 +701,8 @@ class FleetServer:
             log.warning("status for %r came on %s; dropped", st.device, topic)
             return
         self.counts["status"] += 1
+        if self.ha is not None:
+            self.ha.device_seen(dev)
         try:
             notices = self.store.apply_status(st)
         except EdgeRetrievalError as exc:
@@ -535,6 +714,35 @@ class FleetServer:
             log.log(lvl, "device %s: %s %s", n["device"], n["kind"], n["detail"] or "")
             if self.webhook is not None:
                 self.webhook.post({"type": "notice", **n})
+
+
+    def _on_clip(self, topic: str, payload: bytes, retained: bool) -> None:
+        """Store a FLAC clip as ``<clips_dir>/<device>/<event_id>.flac`` (written atomically)."""
+        from .clip_outbox import MAX_CLIP_BYTES
+
+        parts = topic.split("/")
+        dev, eid = (parts[-3], parts[-1]) if len(parts) >= 3 else ("", "")
+        if not payload:
+            return
+        if not (_SAFE.match(dev) and _SAFE.match(eid)) or len(payload) > MAX_CLIP_BYTES or payload[:4] != b"fLaC":
+            self.counts["bad_clips"] += 1
+            log.warning("bad clip on %s (%d bytes; expected FLAC up to %d bytes)", topic, len(payload), MAX_CLIP_BYTES)
+            return
+        d = self.clips_dir / dev
+        path = d / f"{eid}.flac"
+        tmp = d / f".{eid}.flac.part"
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(payload)
+            tmp.replace(path)
+            self.store.save_clip(eid, dev, path, len(payload))
+        except (OSError, EdgeRetrievalError) as exc:
+            self.counts["bad_clips"] += 1
+            log.error("cannot store clip %s from %s: %s", eid, dev, exc)
+            tmp.unlink(missing_ok=True)
+            return
+        self.counts["clips"] += 1
+        log.info("clip %s from %s: %d bytes", eid[:8], dev, len(payload))
 
 
 def parse_since(text: str) -> datetime:

@@ -235,6 +235,18 @@ class MqttTransport:
             return None
         return info.mid
 
+    def publish_tracked(self, topic: str, payload: bytes, qos: int = 1) -> mqtt.MQTTMessageInfo | None:
+        """Queue a message and return paho's handle (``is_published()`` after the PUBACK), or None
+        when the link is down (the caller keeps the message)."""
+        if not self.connected:
+            return None
+        info = self._client.publish(topic, payload, qos=qos, retain=False)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            if info.rc == mqtt.MQTT_ERR_PAYLOAD_SIZE:
+                raise TransportError(f"payload for {topic!r} is too large for MQTT")
+            return None
+        return info
+
     def publish_wait(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False,
                      timeout_s: float = 10.0) -> None:
         """Publish and wait for the broker's acknowledgement (CLI use); raises TransportError."""

@@ -7,7 +7,7 @@ import csv
 import json
 import sys
 
-from ..server import EVENT_COLUMNS
+from ..server import DETECTION_COLUMNS
 from .server import add_db_argument
 
 
@@ -33,7 +33,7 @@ def main(args: argparse.Namespace) -> int:
         for r in rows:
             print(json.dumps(r))
     elif args.csv:
-        w = csv.DictWriter(sys.stdout, fieldnames=list(EVENT_COLUMNS))
+        w = csv.DictWriter(sys.stdout, fieldnames=list(DETECTION_COLUMNS))
         w.writeheader()
         w.writerows(rows)
     else:

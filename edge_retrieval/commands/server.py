@@ -56,10 +56,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_broker_arguments(p, "Ed25519 private key (PEM) that signs queries (only used to check it loads)")
     p.add_argument("--webhook", help="POST detections and device notices as JSON to this http(s) URL")
     p.add_argument("--client-id", default="edge-retrieval-server", help="MQTT client id (persistent session)")
+    p.add_argument("--clips-dir", type=Path, help="where received detection clips go (default: clips/ next to --db)")
+    p.add_argument("--ha-discovery", action="store_true",
+                   help="publish Home Assistant MQTT discovery: one binary_sensor per alert x device")
+    p.add_argument("--ha-prefix", default="homeassistant", help="Home Assistant discovery prefix (default homeassistant)")
+    p.add_argument("--ha-off-delay-s", type=float, default=30.0,
+                   help="Home Assistant turns a sensor off after this many seconds without OFF (default 30)")
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..server import AlertManager, FleetServer, ServerStore, Webhook, load_private_key
+    from ..server import AlertManager, FleetServer, HaDiscovery, ServerStore, Webhook, load_private_key
 
     space_id = None
     if args.bundle:
@@ -70,14 +76,18 @@ def main(args: argparse.Namespace) -> int:
     store = ServerStore(args.db)
     transport = transport_from_args(args, args.client_id, clean_session=False)
     webhook = Webhook(args.webhook) if args.webhook else None
+    if args.ha_off_delay_s <= 0:
+        raise ConfigError(f"--ha-off-delay-s {args.ha_off_delay_s!r} is not valid (expected seconds > 0)")
+    ha = HaDiscovery(transport, store, args.ha_prefix, args.ha_off_delay_s) if args.ha_discovery else None
     srv = FleetServer(store, transport, webhook=webhook, alerts=AlertManager(store, transport, key),
-                      space_id=space_id)
+                      space_id=space_id, clips_dir=args.clips_dir, ha=ha)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     srv.start()
     print(f"edge-retrieval server: {transport.address.url}, database {store.path}"
-          + (f", webhook {args.webhook}" if args.webhook else ""), flush=True)
+          + (f", webhook {args.webhook}" if args.webhook else "") + f", clips {srv.clips_dir}"
+          + (f", Home Assistant discovery under {args.ha_prefix}/" if ha else ""), flush=True)
     try:
         while not done.wait(1.0):
             pass
@@ -86,5 +96,5 @@ def main(args: argparse.Namespace) -> int:
         store.close()
     c = srv.counts
     print(f"edge-retrieval server: stopped ({c['new_events']} new detections, {c['events']} messages, "
-          f"{c['notices']} notices)", flush=True)
+          f"{c['notices']} notices, {c['clips']} clips)", flush=True)
     return 0
