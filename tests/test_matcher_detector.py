@@ -4,15 +4,17 @@ merging, background adaptation and policy precedence."""
 from __future__ import annotations
 
 import threading
+from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
-from edge_retrieval.detector import WARMUP, Detector
+from edge_retrieval.detector import WARMUP, ActiveEvent, Detector, Transition
 from edge_retrieval.errors import QueryRejected
 from edge_retrieval.matcher import CompiledQuery, Matcher, compile_query
-from edge_retrieval.policy import PolicyOverlay
-from edge_retrieval.protocol import SCHEMA, QueryMessage, encode_dense, encode_sparse
+from edge_retrieval.policy import DetectionPolicy, PolicyOverlay, resolve
+from edge_retrieval.protocol import SCHEMA, QueryMessage, encode_dense, encode_sparse, new_event_id
 
 
 def cq(qid: str = "q", thr: float = 0.5, policy: PolicyOverlay | None = None, version: int = 1) -> CompiledQuery:
@@ -276,3 +278,188 @@ def test_compile_query_rejects_dimension_and_missing_expert(tiny_ensemble) -> No
         compile_query(_msg(tiny_ensemble, [sp, encode_dense("bands", np.ones(7, np.float32))]), man)
     with pytest.raises(QueryRejected, match="needs an 'f16' or 'f32'"):
         compile_query(_msg(tiny_ensemble, [sp, encode_sparse("bands", np.array([0]), np.array([1.0]))]), man)
+
+
+# --------------------------------------------------------------------------- vectorised = reference
+
+
+class _RefDetector:
+    """The straightforward per-query detector (the implementation before vectorisation): the
+    reference the vectorised one must match transition for transition."""
+
+    @dataclass
+    class _State:
+        query: CompiledQuery
+        policy: DetectionPolicy
+        recent: deque  # (hit, start_s, end_s, raw), last of_windows
+        history: deque  # non-detection scores, last adapt_windows
+        active: ActiveEvent | None = None
+        cooldown_until: float = float("-inf")
+        baseline: float = 0.0
+
+    def __init__(self, default_policy: PolicyOverlay | None = None) -> None:
+        self.default_policy = default_policy
+        self._states: dict[str, _RefDetector._State] = {}
+
+    def _state(self, q: CompiledQuery, out: list[Transition]) -> _RefDetector._State:
+        st = self._states.get(q.query_id)
+        if st is not None and st.query is q:
+            return st
+        if st is not None and st.active is not None:
+            out.append(self._close(st))
+        p = resolve(q.policy, self.default_policy)
+        new = self._State(q, p, deque(maxlen=p.of_windows), deque(maxlen=p.adapt_windows))
+        if st is not None and st.query.text == q.text and st.policy == p:
+            new.history.extend(st.history)
+        self._states[q.query_id] = new
+        return new
+
+    def step(self, queries, start_s: float, end_s: float, scores) -> list[Transition]:
+        keep = {q.query_id for q in queries}
+        out: list[Transition] = []
+        for qid in [k for k in self._states if k not in keep]:
+            st = self._states.pop(qid)
+            if st.active is not None:
+                out.append(self._close(st))
+        for i, q in enumerate(queries):
+            st = self._state(q, out)
+            self._one(st, start_s, end_s, None if scores is None else float(scores[i]), out)
+        return out
+
+    def _one(self, st, start_s: float, end_s: float, raw: float | None, out: list[Transition]) -> None:
+        p, thr = st.policy, st.query.threshold
+        base = float(np.quantile(st.history, p.adapt_quantile)) if p.adapt and st.history else 0.0
+        st.baseline = base
+        hit = stay = False
+        if raw is not None:
+            adapted = raw - base
+            hit = raw >= thr and (not p.adapt or adapted >= p.adapt_margin)
+            stay = raw >= thr - p.hysteresis and (not p.adapt or adapted >= max(0.0, p.adapt_margin - p.hysteresis))
+        ev = st.active
+        if ev is not None:
+            if stay and raw is not None:
+                if end_s - ev.start_s > p.max_event_s:
+                    out.append(self._close(st))
+                    self._open(st, start_s, end_s, raw, out)
+                else:
+                    ev.end_s, ev.peak = end_s, max(ev.peak, raw)
+                    ev.windows += 1
+            else:
+                out.append(self._close(st))
+        else:
+            counted = hit and start_s >= st.cooldown_until
+            st.recent.append((counted, start_s, end_s, raw if raw is not None else 0.0))
+            hits = [r for r in st.recent if r[0]]
+            if len(hits) >= p.min_hits:
+                self._open(st, hits[0][1], end_s, max(r[3] for r in hits), out)
+        if raw is not None:
+            ev = st.active
+            if (not hit and ev is None) or (ev is not None and len(st.history) < WARMUP and ev.windows > WARMUP):
+                st.history.append(raw)
+
+    def _open(self, st, start_s: float, end_s: float, peak: float, out: list[Transition]) -> None:
+        st.active = ActiveEvent(new_event_id(), st.query.query_id, st.query.text, start_s, end_s, peak)
+        st.recent.clear()
+        out.append(Transition(st.active, final=False))
+
+    def _close(self, st) -> Transition:
+        ev = st.active
+        ev.final = True
+        st.active = None
+        st.recent.clear()
+        st.cooldown_until = ev.end_s + st.policy.cooldown_s
+        return Transition(ev, final=True)
+
+    def flush(self) -> list[Transition]:
+        return [self._close(st) for st in self._states.values() if st.active is not None]
+
+    def baseline(self, query_id: str) -> float:
+        st = self._states.get(query_id)
+        return st.baseline if st else 0.0
+
+    def active_count(self) -> int:
+        return sum(1 for st in self._states.values() if st.active is not None)
+
+
+def _random_overlay(rng: np.random.Generator) -> PolicyOverlay | None:
+    """A partial policy with a random subset of fields set (None: no policy of its own)."""
+    if rng.random() < 0.3:
+        return None
+    m = int(rng.integers(1, 5))
+    fields = {
+        "min_hits": int(rng.integers(1, m + 1)), "of_windows": m,
+        "hysteresis": float(rng.choice([0.0, 0.03, 0.1])), "cooldown_s": float(rng.choice([0.0, 1.0, 3.0])),
+        "max_event_s": float(rng.choice([2.0, 5.0, 300.0])), "adapt": bool(rng.random() < 0.7),
+        "adapt_quantile": float(rng.choice([0.5, 0.9, 0.95])), "adapt_windows": int(rng.choice([4, 5, 9, 30])),
+        "adapt_margin": float(rng.choice([0.0, 0.05, 0.15])),
+    }
+    keys = [k for k in fields if rng.random() < 0.6]
+    if ("min_hits" in keys) != ("of_windows" in keys):  # keep N <= M whatever the other layer says
+        keys = [k for k in keys if k not in ("min_hits", "of_windows")]
+    return PolicyOverlay(**{k: fields[k] for k in keys})
+
+
+def _snap(trs: list[Transition], ids: dict[str, int]) -> list[tuple]:
+    """Transitions as comparable tuples, taken at once (open events change later); event ids
+    become the order of their first appearance (they are random)."""
+    return [(ids.setdefault(t.event.event_id, len(ids)), t.final, t.event.query_id, t.event.query,
+             float(t.event.start_s), float(t.event.end_s), float(t.event.peak), t.event.windows) for t in trs]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_vectorised_detector_equals_the_per_query_reference(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    default = _random_overlay(rng)
+    if default is not None and default.of_windows is None:  # query overlays set N and M together
+        default = default.model_copy(update={"min_hits": None})
+    det, ref = Detector(default), _RefDetector(default)
+    live: dict[str, CompiledQuery] = {}
+    level: dict[str, float] = {}
+    n_new = 0
+
+    def add(qid: str, text: str | None = None) -> None:
+        old = live.get(qid)
+        pol = old.policy if old is not None and rng.random() < 0.5 else _random_overlay(rng)
+        live[qid] = CompiledQuery(qid, (old.version + 1) if old else 1, text or qid, float(rng.uniform(0.3, 0.7)),
+                                  pol, {"e": 1.0}, {}, {})
+        level[qid] = float(rng.uniform(0.1, 0.6))
+
+    for _ in range(25):
+        add(f"q{n_new}")
+        n_new += 1
+    ids_a: dict[str, int] = {}
+    ids_b: dict[str, int] = {}
+    hits = 0
+    for k in range(400):
+        r = rng.random()
+        if r < 0.03:  # a new query
+            add(f"q{n_new}")
+            n_new += 1
+        elif r < 0.06 and live:  # removed
+            live.pop(str(rng.choice(sorted(live))))
+        elif r < 0.09 and live:  # replaced: same text (keeps its history if the policy matches) or new text
+            qid = str(rng.choice(sorted(live)))
+            add(qid, qid if rng.random() < 0.7 else qid + "!")
+        qs = list(live.values())
+        if k % 2:
+            qs = tuple(qs)  # the daemon passes the snapshot tuple; scenes a list
+        if rng.random() < 0.05:
+            row = None
+        else:
+            lv = np.array([level[q.query_id] for q in qs])
+            row = lv + 0.08 * rng.standard_normal(len(qs))
+            burst = rng.random(len(qs)) < 0.06
+            row[burst] += rng.uniform(0.2, 0.6, int(burst.sum()))
+            if rng.random() < 0.02 and len(qs):
+                row[rng.integers(len(qs))] = np.nan  # a broken score: never a hit, poisons that baseline
+            row = row.astype(np.float32)
+        start = k * 1.0
+        a, b = _snap(det.step(qs, start, start + 3.0, row), ids_a), _snap(ref.step(qs, start, start + 3.0, row), ids_b)
+        assert a == b, f"window {k}"
+        hits += len(a)
+        assert det.active_count() == ref.active_count()
+        for q in qs:
+            x, y = det.baseline(q.query_id), ref.baseline(q.query_id)
+            assert x == y or (np.isnan(x) and np.isnan(y)), (k, q.query_id)
+    assert _snap(det.flush(), ids_a) == _snap(ref.flush(), ids_b)
+    assert hits > 20  # the streams did exercise onsets, merges and ends
