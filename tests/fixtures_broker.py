@@ -215,7 +215,7 @@ def broker(tmp_path: Path):
         b.stop()
 
 
-TLS_USERS = {"server": "server-pw-1", "dev-1": "dev-1-pw", "dev-2": "dev-2-pw"}
+TLS_USERS = {"server": "server-pw-1", "dev-1": "dev-1-pw", "dev-2": "dev-2-pw", "homeassistant": "ha-pw"}
 
 
 @pytest.fixture(scope="session")
@@ -227,7 +227,7 @@ def tls_material(tmp_path_factory: pytest.TempPathFactory) -> TlsMaterial:
 
 @pytest.fixture
 def tls_broker(tmp_path: Path, tls_material: TlsMaterial):
-    """TLS + client certificates + passwords + the example ACL (users: server, dev-1, dev-2)."""
+    """TLS + client certificates + passwords + the example ACL (users: server, dev-1, dev-2, homeassistant)."""
     b = Broker(tmp_path / "tls-broker", tls=tls_material, acl=EXAMPLES / "mosquitto.acl")
     try:
         yield b

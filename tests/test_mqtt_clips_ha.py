@@ -82,12 +82,16 @@ def test_clips_survive_an_outage_and_decode_at_the_server(tmp_path, broker, tiny
         info = sf.info(str(path))
         data, rate = sf.read(str(path))
         assert info.format == "FLAC" and abs(len(data) / rate - (b - a)) < 0.02, (len(data) / rate, a, b)
+    sizes = [Path(r["clip_path"]).stat().st_size for r in store.detections()]
+    print(f"3 clips queued during the outage, all stored: {sizes} bytes, "
+          f"{[round(sf.info(r['clip_path']).duration, 2) for r in store.detections()]} s")
     wait_for(lambda: agent.clip_outbox.depth() == 0, 10, "an empty clip queue")
     assert agent.clip_outbox.stats()["sent"] >= 3 and srv.counts["bad_clips"] == 0
     agent.stop()
     srv.stop()
     store.close()
     # the CLI shows where each clip is
+    capsys.readouterr()
     assert cli_main(["detections", "--db", str(db), "--json"]) == 0
     rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(rows) == 3 and all(Path(x["clip_path"]).is_file() for x in rows)
@@ -171,3 +175,60 @@ def test_home_assistant_discovery(tmp_path, broker, tiny_bundle, keys, capsys) -
     sub.close()
     srv.stop()
     store.close()
+
+
+def test_example_acl_allows_clips_and_discovery(tmp_path, tls_broker, tls_material) -> None:
+    """The shipped ACL: a device writes its own clips but no discovery; the server writes
+    discovery; the Home Assistant user reads configs and the devices' availability."""
+    from edge_retrieval.protocol import Status
+    from edge_retrieval.server import AlertManager
+    from edge_retrieval.transport import TlsFiles, Will
+    from tests.test_mqtt_security import _query
+
+    mat = tls_material
+
+    def tls(user: str) -> TlsFiles:
+        return TlsFiles(mat.ca, mat.client_cert[user], mat.client_key[user])
+
+    store = ServerStore(tmp_path / "server.sqlite")
+    tr = MqttTransport(tls_broker.url, "edge-retrieval-server", tls=tls("server"),
+                       credentials=("server", mat.passwords["server"]), clean_session=False, max_backoff_s=2)
+    srv = FleetServer(store, tr, ha=HaDiscovery(tr, store))
+    srv.start()
+    seen: list[tuple[str, bytes]] = []
+    hac = MqttTransport(tls_broker.url, "ha", tls=tls("homeassistant"),
+                        credentials=("homeassistant", mat.passwords["homeassistant"]), clean_session=True)
+    for t in ("homeassistant/#", status_topic("+")):
+        hac.subscribe(t, lambda t, p, r: seen.append((t, p)))
+    hac.start()
+    online = Will(status_topic("dev-1"), Status(type="state", state="online", device="dev-1").to_json().encode())
+    dev = MqttTransport(tls_broker.url, "dev-1", tls=tls("dev-1"), credentials=("dev-1", mat.passwords["dev-1"]),
+                        online=online, clean_session=True)
+    dev.start()
+    wait_for(lambda: tr.connected and hac.connected and dev.connected, 15, "three TLS links")
+    wait_for(lambda: any(t == status_topic("dev-1") for t, _ in seen), 10, "availability readable by HA")
+    # a device may not write discovery; the server's config arrives, the device's never does
+    dev.publish_wait("homeassistant/binary_sensor/evil/config", b'{"name": "evil"}', qos=1, retain=True)
+    wait_for(lambda: store.device("dev-1") is not None, 10, "the device seen at the server")
+    AlertManager(store, tr).publish(_query("0" * 64, 10), "group", "site-a")
+    cfg_topic = "homeassistant/binary_sensor/edge_retrieval_dev-1_beep/config"
+    wait_for(lambda: any(t == cfg_topic and p for t, p in seen), 10, "the server's discovery config")
+    assert not any("evil" in t for t, _ in seen)
+    # a device writes its own clip topic; the server stores it
+    import numpy as np
+
+    f = tmp_path / "c.flac"
+    sf.write(str(f), np.zeros(800), 8000, format="FLAC")
+    dev.publish_wait(clip_topic("dev-1", "e1"), f.read_bytes(), qos=1)
+    wait_for(lambda: srv.counts["clips"] == 1, 10, "the clip at the server")
+    for t in (dev, hac):
+        t.stop()
+    srv.stop()
+    store.close()
+
+
+def test_server_cli_refuses_a_bad_ha_prefix(tmp_path, capsys) -> None:
+    rc = cli_main(["server", "--broker", "mqtt://127.0.0.1:1", "--db", str(tmp_path / "s.sqlite"),
+                   "--ha-discovery", "--ha-prefix", "home assistant/#"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err.count("\n") == 0 and "--ha-prefix 'home assistant/#' is not valid" in err
