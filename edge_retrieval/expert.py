@@ -7,10 +7,14 @@ embeddings (joint / trained spaces).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import platform
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +37,101 @@ def session_options(threads: int = 1, spin: bool = False):  # noqa: ANN201
     if not spin:  # a busy-waiting pool steals the core from the audio thread on a small board
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
+
+
+ORT_CACHE_ENV = "EDGE_RETRIEVAL_ORT_CACHE"
+"""``off`` (or 0/false/no) disables the optimised-model cache; a path puts the cache there."""
+
+
+def ort_cache_dir() -> Path | None:
+    """Where optimised models are cached, or None when the cache is off (see ``ORT_CACHE_ENV``)."""
+    val = os.environ.get(ORT_CACHE_ENV, "").strip()
+    if val.lower() in {"off", "0", "false", "no"}:
+        return None
+    if val and val.lower() not in {"on", "1", "true", "yes"}:
+        return Path(val).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edge-retrieval" / "ort"
+
+
+def _cpu_signature() -> str:
+    """Machine + CPU feature flags: ORT_ENABLE_ALL picks kernels and layouts (NCHWc) per CPU."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip().lower()
+                if key in {"flags", "features"}:
+                    flags = " ".join(sorted(line.split(":", 1)[1].split()))
+                    break
+    except OSError:
+        pass
+    return f"{platform.machine()}|{platform.processor()}|{flags}"
+
+
+def ort_cache_key(path: str, providers: Sequence[str]) -> str:
+    """sha256 over the model's bytes, the onnxruntime version, the providers and the CPU."""
+    import onnxruntime as ort
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    h.update(f"|ort={ort.__version__}|providers={','.join(providers)}|cpu={_cpu_signature()}".encode())
+    return h.hexdigest()
+
+
+def _cached_session(path: str, threads: int, providers: list[str]):  # noqa: ANN202
+    """A session on the cached optimised model (built and saved on the first load), or None.
+
+    Why: a session built with ORT_ENABLE_ALL keeps its reordered weights beside the originals
+    (~2x the model in RSS); the saved optimised graph reloaded with optimisations off holds one
+    copy at the same speed. The file is specific to this CPU and onnxruntime, so it lives on the
+    device, keyed by both. Any failure here (unreadable cache, full disk, read-only dir) logs a
+    WARNING and returns None: the caller then builds the normal session.
+    """
+    import onnxruntime as ort
+
+    cache = ort_cache_dir()
+    if cache is None:
+        return None
+    try:
+        target = cache / f"{ort_cache_key(path, providers)}.onnx"
+    except OSError:
+        return None  # the model itself is unreadable: the normal load reports it
+    if target.is_file():
+        so = session_options(threads)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            return ort.InferenceSession(str(target), sess_options=so, providers=providers)
+        except Exception as exc:
+            log.warning("optimised-model cache %s is unreadable (%s); rebuilding it",
+                        target, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+            try:
+                target.unlink()
+            except OSError:
+                pass
+    tmp = target.with_name(f".{target.stem}.{os.getpid()}.{threading.get_ident()}.tmp.onnx")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        so = session_options(threads)
+        so.optimized_model_filepath = str(tmp)
+        so.log_severity_level = 3  # its "hardware specific" warning is why the cache is keyed per CPU
+        sess = ort.InferenceSession(path, sess_options=so, providers=providers)
+        del sess  # only built to write the optimised graph; its doubled weights go with it
+        os.replace(tmp, target)  # atomic: a reader never sees a half-written model
+        so = session_options(threads)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return ort.InferenceSession(str(target), sess_options=so, providers=providers)
+    except Exception as exc:
+        log.warning("cannot use the optimised-model cache %s (%s); loading %s without it",
+                    cache, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__, path)
+        return None
+    finally:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
 
 
 def available_providers(requested: Sequence[str] | None = None) -> list[str]:
@@ -61,10 +160,13 @@ class OnnxEncoder:
     ) -> None:
         import onnxruntime as ort
 
+        chosen = available_providers(providers)
         try:
-            self.session = ort.InferenceSession(
-                path, sess_options=session_options(threads), providers=available_providers(providers)
+            cached = _cached_session(path, threads, chosen) if chosen == ["CPUExecutionProvider"] else None
+            self.session = cached or ort.InferenceSession(
+                path, sess_options=session_options(threads), providers=chosen
             )
+            self.cached = cached is not None
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise EncoderError(f"cannot load ONNX model {path!r}: {str(exc).splitlines()[0][:200]}") from exc
         names = {i.name for i in self.session.get_inputs()}
