@@ -84,6 +84,7 @@ def test_unit_written_hardened_and_verified(files: dict[str, Path], tmp_path: Pa
         "NotifyAccess=main",
         "WatchdogSec=60",
         "StateDirectory=edge-retrieval",  # the profile keeps state in /var/lib/edge-retrieval
+        "Environment=EDGE_RETRIEVAL_ORT_CACHE=/var/lib/edge-retrieval/ort-cache",  # writable under strict
         "DeviceAllow=char-alsa rw",
         "WantedBy=multi-user.target",
     ):

@@ -133,6 +133,10 @@ def render_unit(
         "@STATE@": _state_lines(cfg),
         "@DEVICES@": _device_lines(cfg),
         "@PROTECT_HOME@": _protect_home(config_path, exec_path),
+        # onnxruntime's optimised-model cache (edge_retrieval.expert) in the writable state dir:
+        # the service user's ~/.cache is read-only under ProtectSystem/ProtectHome
+        "@ORT_CACHE@": "Environment=EDGE_RETRIEVAL_ORT_CACHE="
+        + _plain_path(Path(os.path.normpath(cfg.storage.dir)) / "ort-cache", "storage.dir"),
     }
     text = _template()
     for k, v in subs.items():
