@@ -152,6 +152,9 @@ class ServerStore:
                 raise StoreError(f"server database {str(self.path)!r}: cannot store event: {exc}") from exc
         return row is not None and int(row[0]) == 1
 
+    def detection_devices(self) -> list[str]:
+        return [r[0] for r in self._exec("SELECT DISTINCT device FROM detections").fetchall()]
+
     def save_clip(self, event_id: str, device: str, path: Path, size: int) -> None:
         """Record a received clip (it may arrive before or after its event's messages)."""
         self._exec("INSERT INTO clips VALUES (?,?,?,?,?) ON CONFLICT(event_id) DO UPDATE SET "
@@ -540,7 +543,7 @@ class HaDiscovery:
                 else:
                     self.alerts[a["id"]] = (a["text"], a["target_kind"], a["target"])
             self.devices.update(d["device"] for d in self.store.devices())
-            self.devices.update(r["device"] for r in self.store.detections())
+            self.devices.update(self.store.detection_devices())
             for a in self.store.alerts(include_deleted=True):
                 if a["deleted"]:
                     self._clear(a["id"])
