@@ -184,9 +184,12 @@ class Detector:
         if h.size:
             a["pos"][h] = old_a["pos"][hist[h]]
             a["fill"][h] = old_a["fill"][hist[h]]
-            w = a["W"][h]
-            rel = np.arange(int(w.sum())) - np.repeat(np.cumsum(w) - w, w)
-            flat[np.repeat(a["off"][h], w) + rel] = old_flat[np.repeat(old_a["off"][hist[h]], w) + rel]
+            w, w0 = a["W"][h], int(a["W"][0])
+            if w0 > 0 and (a["W"] == w0).all() and (old_a["W"] == w0).all():  # one ring length: 2-D copy
+                flat.reshape(-1, w0)[h] = old_flat.reshape(-1, w0)[hist[h]]
+            else:  # mixed lengths: copy the segments through one index
+                rel = np.arange(int(w.sum())) - np.repeat(np.cumsum(w) - w, w)
+                flat[np.repeat(a["off"][h], w) + rel] = old_flat[np.repeat(old_a["off"][hist[h]], w) + rel]
         self._queries, self._pol, self._a, self._flat = queries, pols, a, flat
         self._row = {q.query_id: j for j, q in enumerate(queries)}
         return removed, replaced

@@ -406,10 +406,11 @@ def _snap(trs: list[Transition], ids: dict[str, int]) -> list[tuple]:
              float(t.event.start_s), float(t.event.end_s), float(t.event.peak), t.event.windows) for t in trs]
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_vectorised_detector_equals_the_per_query_reference(seed: int) -> None:
+@pytest.mark.parametrize("seed, mixed", [(s, True) for s in range(5)] + [(5, False)])
+def test_vectorised_detector_equals_the_per_query_reference(seed: int, mixed: bool) -> None:
+    """Mixed policies (one ring length per query), or one policy for all (one 2-D ring block)."""
     rng = np.random.default_rng(seed)
-    default = _random_overlay(rng)
+    default = _random_overlay(rng) if mixed else PolicyOverlay(adapt_windows=6, hysteresis=0.05, cooldown_s=1)
     if default is not None and default.of_windows is None:  # query overlays set N and M together
         default = default.model_copy(update={"min_hits": None})
     det, ref = Detector(default), _RefDetector(default)
@@ -419,7 +420,7 @@ def test_vectorised_detector_equals_the_per_query_reference(seed: int) -> None:
 
     def add(qid: str, text: str | None = None) -> None:
         old = live.get(qid)
-        pol = old.policy if old is not None and rng.random() < 0.5 else _random_overlay(rng)
+        pol = old.policy if old is not None and rng.random() < 0.5 else _random_overlay(rng) if mixed else None
         live[qid] = CompiledQuery(qid, (old.version + 1) if old else 1, text or qid, float(rng.uniform(0.3, 0.7)),
                                   pol, {"e": 1.0}, {}, {})
         level[qid] = float(rng.uniform(0.1, 0.6))
