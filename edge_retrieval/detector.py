@@ -115,12 +115,14 @@ class Detector:
         self._row: dict[str, int] = {}  # query id -> row
         self._order: dict[str, None] = {}  # ids in registration order (order of flush and removal closes)
         self._events: dict[str, ActiveEvent] = {}  # query id -> its open event
-        self._hits: dict[str, list[tuple[int, float, float]]] = {}  # counted hits since the last onset/end
+        # counted hits since the last onset/end, fewer than min_hits (<= 99) per query
+        self._hits: dict[str, list[tuple[int, float, float]]] = {}
         self._k = 0  # windows stepped
         self._a: dict[str, np.ndarray] = {k: np.zeros(0, d) for k, d in _STATIC.items()}
         self._a.update({k: np.zeros(0, d) for k, (d, _) in _STATE.items()})
         self._a["off"] = np.zeros(0, np.int64)
-        self._flat = np.zeros(0, np.float64)  # all background rings; units: scores (8 bytes each)
+        # all background rings: adapt_windows scores (float64) per adapting query, 16 MB at 10,000 x 200
+        self._flat = np.zeros(0, np.float64)
 
     def policy_for(self, q: CompiledQuery) -> DetectionPolicy:
         p = self._resolved.get(q.policy)
