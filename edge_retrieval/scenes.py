@@ -113,20 +113,30 @@ def build_stream(
 
 
 def match_events(
-    events: Iterable[tuple[float, float]], truth: Sequence[tuple[float, float]], tol_s: float = 1.5
+    events: Iterable[tuple[float, float]],
+    truth: Sequence[tuple[float, float]],
+    tol_s: float = 1.5,
+    slack_s: float = 3.0,
 ) -> tuple[int, int, int]:
-    """(true positives, false positives, found truths) by overlap, with ``tol_s`` slack."""
-    events = list(events)
+    """(true positives, false positives, found truths) by overlap, with ``tol_s`` slack.
+
+    An event is a true positive when it overlaps truth segments (within ``tol_s``) AND its length
+    is explained by them: at most the sum of their lengths, each widened by ``tol_s + slack_s``
+    on both sides (``slack_s`` = one window: windows that only partly cover a sound still score
+    it). Otherwise it is a false positive and finds nothing: an event that stays on through the
+    noise floor between sounds must not count as detecting every sound it happens to span.
+    """
     found = [False] * len(truth)
     tp = fp = 0
     for a, b in events:
-        hit = False
-        for i, (ta, tb) in enumerate(truth):
-            if a < tb + tol_s and b > ta - tol_s:
+        hits = [i for i, (ta, tb) in enumerate(truth) if a < tb + tol_s and b > ta - tol_s]
+        explained = sum(truth[i][1] - truth[i][0] + 2 * (tol_s + slack_s) for i in hits)
+        if hits and (b - a) <= explained:
+            tp += 1
+            for i in hits:
                 found[i] = True
-                hit = True
-        tp += hit
-        fp += not hit
+        else:
+            fp += 1
     return tp, fp, sum(found)
 
 
