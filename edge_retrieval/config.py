@@ -142,7 +142,7 @@ class DeviceSection(_Section):
     site: str | None = Field(default=None, max_length=200)
     lat: float | None = Field(default=None, ge=-90, le=90)
     lon: float | None = Field(default=None, ge=-180, le=180)
-    require_clock_sync: bool = False  # boards without an RTC: hold trusted times until NTP syncs
+    require_clock_sync: bool = False  # boards without an RTC: warn, and mark event times untrusted until NTP syncs
 
     @model_validator(mode="after")
     def _lat_lon_pair(self) -> DeviceSection:

@@ -124,7 +124,8 @@ class Daemon:
         self.audio_s = 0.0
         self.stage_s: dict[str, float] = dict.fromkeys(STAGES, 0.0)
         self.started: float | None = None
-        self.t0_wall: float | None = None
+        self.t0_wall: float | None = None  # wall clock at stream offset 0
+        self.t0_mono: float | None = None  # monotonic clock at stream offset 0 (live sources)
 
     # ------------------------------------------------------------------ queries and sinks
 
@@ -171,7 +172,9 @@ class Daemon:
                 if block is None:
                     break
                 if self.t0_wall is None:
-                    self.t0_wall = time.time() - (block.size / self.source.sample_rate if live else 0.0)
+                    lag = block.size / self.source.sample_rate if live else 0.0
+                    self.t0_wall = time.time() - lag
+                    self.t0_mono = time.monotonic() - lag
                 if self.history is not None:
                     self.history.append(block)
                 for tick in self.windower.push(block):
@@ -293,7 +296,12 @@ class Daemon:
 
     def _event(self, tr: Transition) -> Event:
         ev = tr.event
-        t0 = self.t0_wall if self.t0_wall is not None else time.time()
+        if self.source.live and self.t0_mono is not None:
+            # live audio: offset -> wall time through the monotonic clock and the wall clock *now*,
+            # so an NTP step after start (a board without an RTC) does not skew later events
+            t0 = time.time() - (time.monotonic() - self.t0_mono)
+        else:
+            t0 = self.t0_wall if self.t0_wall is not None else time.time()
         clock = "unknown"
         if self.clock is not None:
             try:

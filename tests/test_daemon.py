@@ -206,3 +206,28 @@ def test_corrupt_midway_reports_and_keeps_what_it_had(tiny_bundle, scene, tmp_pa
     assert d.health()["windows"] >= 6
     # the beep at 6-9 s lies in the first half: found, whatever happened later
     assert ("beep", 6.0, 9.0) in spans(sink) or d.source_error
+
+
+def test_live_event_times_follow_a_clock_step_after_start(tiny_bundle, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """A board without an RTC: NTP steps the wall clock after the daemon started; later events
+    must carry the corrected time (offset through the monotonic clock), not the boot-time guess."""
+    import time as _time
+    from datetime import datetime
+
+    from edge_retrieval import daemon as daemon_mod
+    from edge_retrieval.detector import ActiveEvent, Transition
+
+    wav = tmp_path / "quiet.wav"
+    sf.write(str(wav), np.zeros(16000, np.float32), 16000)
+    d = Daemon(tiny_bundle, FileSource(wav, realtime=True), device_id="t")
+    assert d.source.live
+    d.t0_mono = _time.monotonic() - 10.0  # stream offset 0 was 10 s ago
+    d.t0_wall = _time.time() - 10.0 - 3600.0  # the wall clock at start was an hour off (no RTC)
+    ev = ActiveEvent(event_id="e", query_id="q", query="q", start_s=4.0, end_s=5.0, peak=0.9)
+    got = datetime.fromisoformat(d._event(Transition(ev, final=True)).time.replace("Z", "+00:00")).timestamp()
+    assert abs(got - (_time.time() - 6.0)) < 0.5  # 6 s ago by the current (synced) clock
+    step = 120.0  # NTP steps the clock forward by two minutes
+    real_time = _time.time
+    monkeypatch.setattr(daemon_mod.time, "time", lambda: real_time() + step)
+    got2 = datetime.fromisoformat(d._event(Transition(ev, final=True)).time.replace("Z", "+00:00")).timestamp()
+    assert abs(got2 - (real_time() + step - 6.0)) < 0.5

@@ -286,6 +286,11 @@ def main(args: argparse.Namespace) -> int:
         from ..config import clock_status
 
         clock = _cached(clock_status, 60.0)
+        if cfg.device.require_clock_sync and clock() != "synced":
+            log.warning(
+                "the system clock is not synchronised (device.require_clock_sync): events carry "
+                "clock=%r until NTP syncs; their times are corrected from then on", clock()
+            )
     daemon = Daemon(
         bundle,
         source,
