@@ -267,7 +267,16 @@ def verify_signature(msg: QueryMessage, public_key: Any) -> None:
 # --------------------------------------------------------------------------- events
 
 
-class Event(BaseModel):
+class _WireMessage(BaseModel):
+    """A device-to-server message: unknown fields refused, JSON without the unset ones."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True))
+
+
+class Event(_WireMessage):
     """A detection. The onset message and later updates share ``event_id``; the server upserts."""
 
     schema_: int = Field(default=SCHEMA, alias="schema")
@@ -287,11 +296,6 @@ class Event(BaseModel):
     lat: float | None = None
     lon: float | None = None
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True))
-
 
 def new_event_id() -> str:
     return uuid.uuid4().hex
@@ -309,7 +313,7 @@ def parse_event(payload: bytes | str) -> Event:
 # --------------------------------------------------------------------------- device status
 
 
-class Status(BaseModel):
+class Status(_WireMessage):
     """What a device says on its status topic (schema 1).
 
     ``type`` "state" (retained: "online" on connect, "offline" as the last will), "health"
@@ -327,11 +331,6 @@ class Status(BaseModel):
     query_id: str | None = None
     version: int | None = None
     reason: str | None = None
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True))
 
 
 def parse_status(payload: bytes | str) -> Status:

@@ -226,21 +226,18 @@ class MqttTransport:
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> int | None:
         """Queue a message; returns its mid, or None when the link is down (the caller keeps it)."""
-        if not self.connected:
-            return None
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            if info.rc == mqtt.MQTT_ERR_PAYLOAD_SIZE:
-                raise TransportError(f"payload for {topic!r} is too large for MQTT")
-            return None
-        return info.mid
+        info = self._send(topic, payload, qos, retain)
+        return None if info is None else info.mid
 
     def publish_tracked(self, topic: str, payload: bytes, qos: int = 1) -> mqtt.MQTTMessageInfo | None:
         """Queue a message and return paho's handle (``is_published()`` after the PUBACK), or None
         when the link is down (the caller keeps the message)."""
+        return self._send(topic, payload, qos, False)
+
+    def _send(self, topic: str, payload: bytes | str, qos: int, retain: bool) -> mqtt.MQTTMessageInfo | None:
         if not self.connected:
             return None
-        info = self._client.publish(topic, payload, qos=qos, retain=False)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             if info.rc == mqtt.MQTT_ERR_PAYLOAD_SIZE:
                 raise TransportError(f"payload for {topic!r} is too large for MQTT")
