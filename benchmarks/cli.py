@@ -70,7 +70,7 @@ def _check(args: argparse.Namespace) -> None:
 def _sounds(args: argparse.Namespace) -> Path | None:
     if args.sounds is not None:
         return args.sounds
-    from ..scenes import sounds_dir
+    from ..offline.scenes import sounds_dir
 
     d = sounds_dir()
     return d if d.is_dir() else None
@@ -90,7 +90,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                                "cpu = process_time (all threads); median and p95 after warm-up"},
     }
     if args.encoders or args.daemon or everything:
-        from ..commands.demo import ensure_bundle
+        from ..cli.commands.demo import ensure_bundle
 
         ensure_bundle(args.bundle)
     if args.encoders or everything:

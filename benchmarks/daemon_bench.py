@@ -53,14 +53,14 @@ def demo_recording(rate: int, out: Path, fixture: Path | None = None) -> tuple[P
     """The demo's stream (real clips in a row with noise gaps) when the clips exist, else synthetic."""
     import soundfile as sf
 
-    from ..scenes import build_stream, read_fixture
+    from ..offline.scenes import build_stream, read_fixture
 
     repo = Path(__file__).resolve().parents[1]
     fixture = fixture or repo / "data" / "fixture.csv"
     clips = []
     if fixture.is_file():
         try:
-            from ..commands.demo import pick_clips
+            from ..cli.commands.demo import pick_clips
 
             clips = pick_clips(fixture) if read_fixture(fixture) else []
         except EdgeRetrievalError:
@@ -79,7 +79,7 @@ def demo_recording(rate: int, out: Path, fixture: Path | None = None) -> tuple[P
 
 def compile_queries(bundle_dir: Path, texts: Sequence[str]) -> list[str]:
     """Query messages (JSON) for ``texts`` through the bundle's text side (needs its server part)."""
-    from ..commands.run import local_queries
+    from ..cli.commands.run import local_queries
 
     bundle = load_bundle(bundle_dir, part="all")
     msgs = local_queries(bundle, [{"text": t} for t in texts], None, warn=lambda line: None)
@@ -113,7 +113,7 @@ def _peak_rss_mb() -> float:
 
 def _arena_off() -> None:
     """Bench-only experiment: the daemon's sessions without onnxruntime's CPU memory arena."""
-    from .. import expert
+    from ..pipeline import expert
 
     base = expert.session_options
 
@@ -131,9 +131,9 @@ def worker(
     """One measured run in this (fresh) process."""
     import onnxruntime  # noqa: F401  (counted in the baseline, as on a device)
 
-    from ..daemon import Daemon
+    from ..device.daemon import Daemon
+    from ..device.sources import FileSource
     from ..protocol import parse_query_message
-    from ..sources import FileSource
 
     rss_imports = _current_rss_mb()
     bundle = load_bundle(bundle_dir, part="device")
@@ -185,7 +185,7 @@ def bench_daemon(
     bundle = load_bundle(bundle_dir, part="device")
     rate = bundle.manifest.device.experts[0].sample_rate
     if queries is None:
-        from ..scenes import DETECTION_QUERIES
+        from ..offline.scenes import DETECTION_QUERIES
 
         queries = list(DETECTION_QUERIES)
     with tempfile.TemporaryDirectory(prefix="er-bench-") as tmp:

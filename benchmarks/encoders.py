@@ -37,8 +37,8 @@ import numpy as np
 
 from ..bundle import Bundle, ExpertSpec, load_bundle
 from ..errors import BundleError
-from ..expert import AudioExpert, OnnxEncoder, session_options
 from ..frontends import make_frontend
+from ..pipeline.expert import AudioExpert, OnnxEncoder, session_options
 from .timing import interleaved, ratio, summaries
 
 log = logging.getLogger(__name__)

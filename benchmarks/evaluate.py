@@ -20,7 +20,7 @@ import numpy as np
 
 from ..bundle import Bundle, load_bundle
 from ..errors import ConfigError
-from ..retrieval import (
+from ..offline.retrieval import (
     FileEmbedder,
     QueryVectors,
     bootstrap_ci,

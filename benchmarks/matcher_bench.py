@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from ..detector import Detector
-from ..matcher import CompiledQuery, Snapshot, _build
+from ..pipeline.detector import Detector
+from ..pipeline.matcher import CompiledQuery, Snapshot, _build
 from .timing import interleaved, ratio, summaries
 
 SIZES = (1, 10, 100, 1000, 10000, 100000)

@@ -38,7 +38,8 @@ def _worker(argv: list[str]) -> int:
     p.add_argument("--no-share", action="store_true")
     a = p.parse_args(argv)
     if a.no_share:  # the loader before sessions were shared: one AudioExpert per spec
-        from .. import daemon, expert
+        from ..device import daemon
+        from ..pipeline import expert
 
         def alone(bundle, threads=1, providers=None):  # noqa: ANN001, ANN202
             return [expert.AudioExpert(bundle, s, threads, providers) for s in bundle.manifest.device.experts]

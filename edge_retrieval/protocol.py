@@ -25,6 +25,7 @@ SCHEMA = 1
 TOPIC_ROOT = "edge-retrieval/v1"
 MAX_QUERY_BYTES = 256 * 1024  # a 512-d f32 vector is ~2.8 kB of base64; be generous but bounded
 MAX_SPARSE = 64
+MAX_CLIP_BYTES = 2_000_000  # largest clip published (bytes); MQTT brokers often cap messages near here
 MAX_DENSE_DIM = 8192
 
 

@@ -512,7 +512,7 @@ def litert_reference(model_path: Path, windows: np.ndarray, threads: int = 1,
 
 def onnx_outputs(frontend: Callable[[np.ndarray], np.ndarray], onnx_path: Path, windows: np.ndarray,
                  threads: int = 1, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    from edge_retrieval.expert import OnnxEncoder
+    from edge_retrieval.pipeline.expert import OnnxEncoder
 
     enc = OnnxEncoder(str(onnx_path), INPUT_NAME, [OUTPUT_NAME, EMBEDDING_NAME], threads=threads)
     lo, em = [], []

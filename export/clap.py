@@ -639,7 +639,7 @@ def _device_parity(writer: BundleWriter, manifest: dict[str, Any], model: Any, f
     import torch
 
     from edge_retrieval.bundle import Bundle, Manifest
-    from edge_retrieval.expert import AudioExpert
+    from edge_retrieval.pipeline.expert import AudioExpert
 
     data = dict(manifest)
     data["files"] = {k: v.model_dump() for k, v in writer.files.items()}

@@ -114,7 +114,7 @@ def evaluate(ref: np.ndarray, got: np.ndarray, budget: Budget) -> Evaluation:
 def _session(path: str | Path, threads: int):  # noqa: ANN202
     import onnxruntime as ort
 
-    from edge_retrieval.expert import session_options
+    from edge_retrieval.pipeline.expert import session_options
 
     try:
         return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"])

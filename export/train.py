@@ -175,7 +175,7 @@ class Experts:
     """Runs the raw experts on windows, as the device does: BirdNET (from the base bundle) and aisfx."""
 
     def __init__(self, base: Bundle | None, work: Path, hop_s: float, max_clip_s: float = MAX_CLIP_S) -> None:
-        from edge_retrieval.expert import AudioExpert
+        from edge_retrieval.pipeline.expert import AudioExpert
 
         from . import aisfx
 
@@ -211,8 +211,8 @@ class Experts:
 
     def run(self, path: Path) -> dict[str, np.ndarray]:
         """Per-window raw outputs of one file: {"probs" [W, 6522] f16, "birdnet_emb" [W, 1024], "aisfx" [W, 512]}."""
-        from edge_retrieval.sources import FileSource
-        from edge_retrieval.windows import ExpertWindowing, Windower
+        from edge_retrieval.device.sources import FileSource
+        from edge_retrieval.pipeline.windows import ExpertWindowing, Windower
 
         experts = [self.aisfx] + ([self.birdnet] if self.birdnet else [])
         src = FileSource(path, block_s=2.0)
@@ -426,7 +426,7 @@ def mixture_scores(trained: Any, split: Split, q: Queries) -> np.ndarray:
 
 
 def map_at_10(scores: np.ndarray, relevant: np.ndarray) -> float:
-    from edge_retrieval.retrieval import ranks_and_ap
+    from edge_retrieval.offline.retrieval import ranks_and_ap
 
     return float(ranks_and_ap(scores, relevant)[1].mean())
 

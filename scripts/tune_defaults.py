@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Choose the default detection thresholds and policy on the DEV half of data/fixture.csv.
 
-The query list is FIXED (``edge_retrieval.scenes.DETECTION_QUERIES``, written before any score
+The query list is FIXED (``edge_retrieval.offline.scenes.DETECTION_QUERIES``, written before any score
 was seen). All dev clips (every category, distractors included) are put in a row with noise gaps
 (``scenes.build_stream``, seed 0) and scored once with the bundle; the detector is then replayed
 over the stored scores for each candidate:
@@ -37,10 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from edge_retrieval.bundle import load_bundle
-from edge_retrieval.commands.demo import DEFAULT_BUNDLE
-from edge_retrieval.matcher import compile_query
-from edge_retrieval.policy import PolicyOverlay
-from edge_retrieval.scenes import (
+from edge_retrieval.cli.commands.demo import DEFAULT_BUNDLE
+from edge_retrieval.offline.scenes import (
     DETECTION_QUERIES,
     build_stream,
     detect_offline,
@@ -49,6 +47,8 @@ from edge_retrieval.scenes import (
     stream_scores,
     totals,
 )
+from edge_retrieval.pipeline.matcher import compile_query
+from edge_retrieval.policy import PolicyOverlay
 from edge_retrieval.text import QueryBuilder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -168,9 +168,9 @@ ARCHIVE_QUERIES = {  # tests/test_archive_fixture.py FIXED_QUERIES (category -> 
 
 def _window_outputs(bundle, x: np.ndarray, rate: int, threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # noqa: ANN001
     """(starts, ends, probabilities [T, labels]) of the first expert on the daemon's windowing; gated rows NaN."""
-    from edge_retrieval.expert import load_experts
-    from edge_retrieval.gate import EnergyGate
-    from edge_retrieval.windows import ExpertWindowing, Windower, common_step
+    from edge_retrieval.pipeline.expert import load_experts
+    from edge_retrieval.pipeline.gate import EnergyGate
+    from edge_retrieval.pipeline.windows import ExpertWindowing, Windower, common_step
 
     e = load_experts(bundle, threads)[0]
     win = Windower([ExpertWindowing(e.name, e.sample_rate, e.spec.window_s)], rate,
@@ -192,7 +192,7 @@ def _window_outputs(bundle, x: np.ndarray, rate: int, threads: int) -> tuple[np.
 
 def temperature_table(args: argparse.Namespace) -> int:
     """Dev event F1 and dev archive top-1 for a grid of the label bridge's temperatures."""
-    from edge_retrieval.retrieval import FileEmbedder
+    from edge_retrieval.offline.retrieval import FileEmbedder
     from edge_retrieval.text.label_bridge import LabelBridge, hierarchical_weights
 
     bundle = load_bundle(args.bundle, part="all")

@@ -6,7 +6,7 @@ import importlib.util
 import os
 import tempfile
 
-# onnxruntime's optimised-model cache (edge_retrieval.expert): keep the suite's models out of the
+# onnxruntime's optimised-model cache (edge_retrieval.pipeline.expert): keep the suite's models out of the
 # user's ~/.cache; subprocesses inherit it. A caller's own setting wins.
 os.environ.setdefault("EDGE_RETRIEVAL_ORT_CACHE", tempfile.mkdtemp(prefix="er-ort-cache-"))
 

@@ -15,8 +15,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_retrieval.bundle import BundleWriter, expert_space_digest, sha256_file, space_id
+from edge_retrieval.offline.retrieval import QueryVectors, query_from_message
 from edge_retrieval.protocol import SCHEMA, QueryMessage, encode_dense, encode_sparse
-from edge_retrieval.retrieval import QueryVectors, query_from_message
 
 RATE = 8000
 WINDOW_S = 1.0

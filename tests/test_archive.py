@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from edge_retrieval.archive import (
+from edge_retrieval.bundle import Bundle, load_bundle
+from edge_retrieval.cli import main as cli
+from edge_retrieval.errors import ConfigError, QueryRejected
+from edge_retrieval.offline.archive import (
     ArchiveIndex,
     _pack,
     _unpack,
@@ -20,10 +23,7 @@ from edge_retrieval.archive import (
     parse_when,
     recording_meta,
 )
-from edge_retrieval.bundle import Bundle, load_bundle
-from edge_retrieval.cli import main as cli
-from edge_retrieval.errors import ConfigError, QueryRejected
-from edge_retrieval.retrieval import TOP_LABELS
+from edge_retrieval.offline.retrieval import TOP_LABELS
 from tests.retrieval_bundle import RATE, band_query, make_bundle, tone
 
 UTC = dt.timezone.utc
@@ -230,7 +230,7 @@ def test_cli_search_by_example_csv_and_json(tmp_path: Path, bundles: dict[str, B
 
 
 def test_every_second_of_a_file_is_in_a_window(tmp_path: Path, bundles: dict[str, Bundle]) -> None:
-    from edge_retrieval.retrieval import FileEmbedder
+    from edge_retrieval.offline.retrieval import FileEmbedder
 
     emb = FileEmbedder(bundles["labels"])
     for seconds, n in ((0.3, 1), (3.0, 3), (3.4, 4)):

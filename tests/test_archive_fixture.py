@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from edge_retrieval.archive import ArchiveIndex, index_folder
 from edge_retrieval.bundle import Bundle
 from edge_retrieval.cli import main as cli
-from edge_retrieval.retrieval import text_queries
+from edge_retrieval.offline.archive import ArchiveIndex, index_folder
+from edge_retrieval.offline.retrieval import text_queries
 
 pytestmark = pytest.mark.slow
 

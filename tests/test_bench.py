@@ -20,7 +20,7 @@ from edge_retrieval.benchmarks.timing import Samples, interleaved, ratio
 
 from edge_retrieval.bundle import Bundle
 from edge_retrieval.cli import main as cli_main
-from edge_retrieval.matcher import CompiledQuery, _build
+from edge_retrieval.pipeline.matcher import CompiledQuery, _build
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

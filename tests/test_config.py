@@ -30,8 +30,8 @@ from edge_retrieval.config import (
     problems_of,
     validate_config,
 )
+from edge_retrieval.device.sdnotify import Notifier
 from edge_retrieval.errors import ConfigError
-from edge_retrieval.sdnotify import Notifier
 
 PROFILES = ["jetson-orin-nano", "raspberry-pi-4", "raspberry-pi-5", "raspberry-pi-zero-2w"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -468,7 +468,7 @@ def broken_configs(draw: st.DrawFn) -> dict[str, Any]:
 
 def _toml_text(obj: Any) -> str:
     """Serialise via show's TOML writer, so random documents are syntactically valid TOML."""
-    from edge_retrieval.commands.config import to_toml
+    from edge_retrieval.cli.commands.config import to_toml
 
     return to_toml(obj)
 

@@ -12,14 +12,14 @@ import pytest
 import soundfile as sf
 
 from edge_retrieval.bundle import load_bundle
-from edge_retrieval.clips import ClipWriter
-from edge_retrieval.daemon import Daemon
+from edge_retrieval.device.clips import ClipWriter
+from edge_retrieval.device.daemon import Daemon
+from edge_retrieval.device.sinks import JsonLinesSink, ListSink
+from edge_retrieval.device.sources import FileSource, StdinSource
 from edge_retrieval.errors import QueryRejected
+from edge_retrieval.offline.query_audio import query_from_audio
 from edge_retrieval.policy import PolicyOverlay
 from edge_retrieval.protocol import parse_event
-from edge_retrieval.query_audio import query_from_audio
-from edge_retrieval.sinks import JsonLinesSink, ListSink
-from edge_retrieval.sources import FileSource, StdinSource
 from edge_retrieval.text import QueryBuilder
 from tests.fixtures_audio import write_scene
 
@@ -214,8 +214,8 @@ def test_live_event_times_follow_a_clock_step_after_start(tiny_bundle, tmp_path,
     import time as _time
     from datetime import datetime
 
-    from edge_retrieval import daemon as daemon_mod
-    from edge_retrieval.detector import ActiveEvent, Transition
+    from edge_retrieval.device import daemon as daemon_mod
+    from edge_retrieval.pipeline.detector import ActiveEvent, Transition
 
     wav = tmp_path / "quiet.wav"
     sf.write(str(wav), np.zeros(16000, np.float32), 16000)

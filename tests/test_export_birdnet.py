@@ -15,7 +15,7 @@ from edge_retrieval.export.birdnet_labels import GROUPS
 
 from edge_retrieval.bundle import Bundle, FrontendSpec, expert_space_digest, sha256_file, space_id
 from edge_retrieval.cli import main as cli_main
-from edge_retrieval.expert import AudioExpert
+from edge_retrieval.pipeline.expert import AudioExpert
 from tests.fixtures_bundles import blocker_prelude, sounds_dir
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 
 from edge_retrieval.bundle import load_bundle
 from edge_retrieval.errors import BundleError, EdgeRetrievalError, EncoderError, ExportError
-from edge_retrieval.expert import AudioExpert
+from edge_retrieval.pipeline.expert import AudioExpert
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

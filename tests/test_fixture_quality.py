@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from edge_retrieval.commands.run import local_queries
-from edge_retrieval.daemon import Daemon
+from edge_retrieval.cli.commands.run import local_queries
 from edge_retrieval.defaults import default_policy, tuned_for
-from edge_retrieval.scenes import DETECTION_QUERIES, build_stream, event_scores, read_fixture, totals
-from edge_retrieval.sinks import ListSink
-from edge_retrieval.sources import FileSource
+from edge_retrieval.device.daemon import Daemon
+from edge_retrieval.device.sinks import ListSink
+from edge_retrieval.device.sources import FileSource
+from edge_retrieval.offline.scenes import DETECTION_QUERIES, build_stream, event_scores, read_fixture, totals
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from edge_retrieval.detector import WARMUP, ActiveEvent, Detector, Transition
 from edge_retrieval.errors import QueryRejected
-from edge_retrieval.matcher import CompiledQuery, Matcher, compile_query
+from edge_retrieval.pipeline.detector import WARMUP, ActiveEvent, Detector, Transition
+from edge_retrieval.pipeline.matcher import CompiledQuery, Matcher, compile_query
 from edge_retrieval.policy import DetectionPolicy, PolicyOverlay, resolve
 from edge_retrieval.protocol import SCHEMA, QueryMessage, encode_dense, encode_sparse, new_event_id
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from edge_retrieval.bundle import load_bundle
-from edge_retrieval.daemon import Daemon
+from edge_retrieval.device.daemon import Daemon
+from edge_retrieval.device.sinks import ListSink
+from edge_retrieval.device.sources import MicSource
 from edge_retrieval.policy import PolicyOverlay
-from edge_retrieval.sinks import ListSink
-from edge_retrieval.sources import MicSource
 from edge_retrieval.text import QueryBuilder
 from tests.fixtures_audio import write_scene
 

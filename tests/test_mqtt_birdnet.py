@@ -10,8 +10,8 @@ import pytest
 import soundfile as sf
 
 from edge_retrieval.cli import main as cli_main
-from edge_retrieval.commands.keys import generate
-from edge_retrieval.daemon import Daemon
+from edge_retrieval.cli.commands.keys import generate
+from edge_retrieval.device.daemon import Daemon
 from tests.mqtt_helpers import Recorder, device_config, start_server, wait_for
 
 
@@ -41,7 +41,7 @@ def test_siren_alert_through_birdnet(tmp_path, broker, birdnet_bundle, capsys) -
     sf.write(str(audio), np.concatenate([quiet(6), fm_siren(9), quiet(6)]), 48000)
     _, cfg = device_config(tmp_path, broker.url, birdnet_bundle.root, audio, device_id="dev-bn", groups=(),
                            public_key=pub, realtime=False)
-    from edge_retrieval.agent import DeviceAgent
+    from edge_retrieval.device.agent import DeviceAgent
 
     rec = Recorder()
     daemon = Daemon.from_config(cfg, sinks=[rec])

@@ -16,10 +16,10 @@ import pytest
 import soundfile as sf
 
 from edge_retrieval.cli import main as cli_main
-from edge_retrieval.clip_outbox import ClipOutbox
-from edge_retrieval.commands.keys import generate
+from edge_retrieval.cli.commands.keys import generate
 from edge_retrieval.config import load_config
-from edge_retrieval.daemon import Daemon
+from edge_retrieval.device.clip_outbox import ClipOutbox
+from edge_retrieval.device.daemon import Daemon
 from edge_retrieval.protocol import clip_topic, status_topic
 from edge_retrieval.server import FleetServer, HaDiscovery, ServerStore
 from edge_retrieval.transport import MqttTransport
@@ -40,7 +40,7 @@ def _add_alert(capsys, bundle: Path, url: str, db: Path, key: Path, text: str = 
 
 
 def _device(tmp_path: Path, url: str, bundle: Path, pub: Path, beeps: int, clips: bool):
-    from edge_retrieval.agent import DeviceAgent
+    from edge_retrieval.device.agent import DeviceAgent
 
     audio = beep_scene(tmp_path / "beeps.wav", beeps=beeps)
     p, _ = device_config(tmp_path, url, bundle, audio, public_key=pub, realtime=False)

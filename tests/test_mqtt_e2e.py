@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from edge_retrieval.cli import main as cli_main
-from edge_retrieval.commands.keys import generate
-from edge_retrieval.daemon import Daemon
+from edge_retrieval.cli.commands.keys import generate
+from edge_retrieval.device.daemon import Daemon
+from edge_retrieval.device.query_store import load_public_key
 from edge_retrieval.protocol import (
     Status,
     detections_topic,
@@ -30,7 +31,6 @@ from edge_retrieval.protocol import (
     status_topic,
     verify_signature,
 )
-from edge_retrieval.queries import load_public_key
 from edge_retrieval.server import Webhook
 from tests.mqtt_helpers import MosquittoSub, Recorder, beep_scene, device_config, start_server, wait_for
 
@@ -82,7 +82,7 @@ def test_alert_to_device_to_server(tmp_path, broker, tiny_bundle, keys, capsys, 
 
     audio = beep_scene(tmp_path / "beeps.wav", beeps=3)
     _, cfg = device_config(tmp_path, broker.url, tiny_bundle.root, audio, public_key=pub, realtime=False)
-    from edge_retrieval.agent import DeviceAgent
+    from edge_retrieval.device.agent import DeviceAgent
 
     rec = Recorder()
     daemon = Daemon.from_config(cfg, sinks=[rec])
@@ -175,7 +175,7 @@ def test_broker_outage_loses_and_duplicates_nothing(tmp_path, broker, tiny_bundl
     _add_alert(capsys, tiny_bundle.root, broker.url, db, priv)
     audio = beep_scene(tmp_path / "beeps.wav", beeps=6)  # 16 s played in real time
     _, cfg = device_config(tmp_path, broker.url, tiny_bundle.root, audio, public_key=pub, realtime=True)
-    from edge_retrieval.agent import DeviceAgent
+    from edge_retrieval.device.agent import DeviceAgent
 
     rec = Recorder()
     daemon = Daemon.from_config(cfg, sinks=[rec])

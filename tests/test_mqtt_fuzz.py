@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_retrieval.agent import REPORT_BURST, DeviceAgent
-from edge_retrieval.commands.keys import generate
-from edge_retrieval.daemon import Daemon
+from edge_retrieval.cli.commands.keys import generate
+from edge_retrieval.device.agent import REPORT_BURST, DeviceAgent
+from edge_retrieval.device.daemon import Daemon
 from edge_retrieval.protocol import (
     MAX_QUERY_BYTES,
     QueryMessage,

@@ -12,7 +12,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_retrieval.bundle import Bundle
-from edge_retrieval.daemon import Daemon
+from edge_retrieval.device.daemon import Daemon
+from edge_retrieval.device.query_store import QueryStore, query_id_from_topic
+from edge_retrieval.device.sources import FileSource
 from edge_retrieval.protocol import (
     QueryMessage,
     Status,
@@ -21,8 +23,6 @@ from edge_retrieval.protocol import (
     group_query_topic,
     sign_message,
 )
-from edge_retrieval.queries import QueryStore, query_id_from_topic
-from edge_retrieval.sources import FileSource
 
 TOPIC = group_query_topic("site-a", "beep-1")
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_retrieval.agent import DeviceAgent
-from edge_retrieval.commands.keys import generate
-from edge_retrieval.daemon import Daemon
+from edge_retrieval.cli.commands.keys import generate
+from edge_retrieval.device.agent import DeviceAgent
+from edge_retrieval.device.daemon import Daemon
 from edge_retrieval.errors import TransportError
 from edge_retrieval.protocol import (
     QueryMessage,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from edge_retrieval.commands.keys import generate
+from edge_retrieval.cli.commands.keys import generate
 from edge_retrieval.protocol import QueryMessage, encode_sparse
 from edge_retrieval.server import AlertManager, load_private_key
 from tests.mqtt_helpers import beep_scene, device_config, start_server, wait_for

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edge_retrieval.bundle import Bundle
-from edge_retrieval.expert import ORT_CACHE_ENV, OnnxEncoder, ort_cache_dir, ort_cache_key
+from edge_retrieval.pipeline.expert import ORT_CACHE_ENV, OnnxEncoder, ort_cache_dir, ort_cache_key
 
 
 def _encoder(bundle: Bundle) -> tuple[str, str, str, int]:
@@ -54,7 +54,7 @@ def test_corrupt_cache_file_falls_back_with_warning(
     monkeypatch.setenv(ORT_CACHE_ENV, str(tmp_path))
     cached_file = tmp_path / f"{ort_cache_key(path, ['CPUExecutionProvider'])}.onnx"
     cached_file.write_bytes(b"\x08\x07 this is not an ONNX model \xff" * 10)
-    with caplog.at_level(logging.WARNING, logger="edge_retrieval.expert"):
+    with caplog.at_level(logging.WARNING, logger="edge_retrieval.pipeline.expert"):
         enc = OnnxEncoder(path, inp, [out])
     assert any(r.levelno == logging.WARNING and str(cached_file) in r.getMessage() for r in caplog.records)
     np.testing.assert_allclose(enc(_windows(n))[0], ref, atol=1e-5, rtol=1e-5)
@@ -68,7 +68,7 @@ def test_unwritable_cache_dir_falls_back_with_warning(
     blocker = tmp_path / "file"
     blocker.write_text("a file where the cache folder should be")
     monkeypatch.setenv(ORT_CACHE_ENV, str(blocker / "ort"))
-    with caplog.at_level(logging.WARNING, logger="edge_retrieval.expert"):
+    with caplog.at_level(logging.WARNING, logger="edge_retrieval.pipeline.expert"):
         enc = OnnxEncoder(path, inp, [out])
     assert not enc.cached
     assert any(r.levelno == logging.WARNING for r in caplog.records)

@@ -9,7 +9,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_retrieval.outbox import Outbox
+from edge_retrieval.device.outbox import Outbox
 from edge_retrieval.transport import MqttTransport, wait_until
 
 

@@ -29,6 +29,8 @@ def runtime_modules() -> list[str]:
     for info in pkgutil.walk_packages(edge_retrieval.__path__, "edge_retrieval."):
         if info.name.startswith(("edge_retrieval.export", "edge_retrieval.benchmarks")):
             continue
+        if info.name.endswith(".__main__"):  # importing it runs the program
+            continue
         names.append(info.name)
     return names
 

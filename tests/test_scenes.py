@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edge_retrieval.scenes import match_events, totals
+from edge_retrieval.offline.scenes import match_events, totals
 
 TRUTH = [(10.0, 12.0), (30.0, 32.0), (50.0, 52.0)]
 

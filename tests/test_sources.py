@@ -9,11 +9,11 @@ import time
 import numpy as np
 import pytest
 
+from edge_retrieval.device.ringbuffer import AudioHistory, RingBuffer
+from edge_retrieval.device.sources import FileSource, StdinSource
 from edge_retrieval.errors import SourceError
-from edge_retrieval.gate import EnergyGate, rms_dbfs
-from edge_retrieval.ringbuffer import AudioHistory, RingBuffer
-from edge_retrieval.sources import FileSource, StdinSource
-from edge_retrieval.windows import ExpertWindowing, Windower, common_step
+from edge_retrieval.pipeline.gate import EnergyGate, rms_dbfs
+from edge_retrieval.pipeline.windows import ExpertWindowing, Windower, common_step
 from tests.fixtures_audio import tone
 
 

@@ -70,7 +70,7 @@ def trained(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 
 def test_bundle_loads_on_device_path(trained: dict[str, Path]) -> None:
     from edge_retrieval import load_bundle
-    from edge_retrieval.expert import load_experts
+    from edge_retrieval.pipeline.expert import load_experts
 
     b = load_bundle(trained["a"], part="device")
     assert b.manifest.space.kind == "ensemble"
@@ -103,7 +103,7 @@ def test_text_side_gives_vector_per_expert_and_gates(trained: dict[str, Path]) -
 def test_retrieval_prefers_matching_caption(trained: dict[str, Path], dataset: Path) -> None:
     """Scored like the device: the beep clip scores higher for 'high beep' than for 'low hum'."""
     from edge_retrieval import load_bundle
-    from edge_retrieval.retrieval import FileEmbedder, clip_scores, query_matrix, text_queries
+    from edge_retrieval.offline.retrieval import FileEmbedder, clip_scores, query_matrix, text_queries
 
     b = load_bundle(trained["a"], part="all")
     qs = text_queries(b, ["high beep", "low hum"])
@@ -151,7 +151,7 @@ def test_experts_on_one_file_share_one_run(trained: dict[str, Path], tmp_path: P
     the same vectors as each expert alone."""
     from edge_retrieval import load_bundle
     from edge_retrieval.bundle import BundleWriter
-    from edge_retrieval.expert import AudioExpert, load_experts
+    from edge_retrieval.pipeline.expert import AudioExpert, load_experts
 
     a = load_bundle(trained["a"], part="device")
     spec = a.manifest.device.experts[0]
@@ -185,7 +185,7 @@ def test_committed_weights_build_on_the_base_bundle(birdnet_bundle, tmp_path: Pa
     """`train --from-weights` on the default bundle: the bridge expert follows the base's labels
     (whatever their count), the projections keep the recipe's dim, device and server paths agree."""
     from edge_retrieval import load_bundle
-    from edge_retrieval.expert import AudioExpert, load_experts
+    from edge_retrieval.pipeline.expert import AudioExpert, load_experts
     from edge_retrieval.text import QueryBuilder
 
     if not (COMMITTED_WEIGHTS / "recipe.json").is_file():
@@ -258,8 +258,8 @@ def test_committed_ensemble_on_held_out_fixture_clips(birdnet_bundle, tmp_path: 
     import shutil
 
     from edge_retrieval import load_bundle
-    from edge_retrieval.archive import ArchiveIndex, index_folder
-    from edge_retrieval.retrieval import text_queries
+    from edge_retrieval.offline.archive import ArchiveIndex, index_folder
+    from edge_retrieval.offline.retrieval import text_queries
     from tests.test_archive_fixture import FIXED_QUERIES, FIXTURE_LIST, sounds_dir
 
     repo = COMMITTED_WEIGHTS.parent.parent.parent

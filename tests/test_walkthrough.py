@@ -61,7 +61,7 @@ def test_fresh_device_install_is_not_the_source_tree(device_venv: Path, tmp_path
         [
             str(device_venv / "bin" / "python"),
             "-c",
-            "import sys, edge_retrieval, edge_retrieval.commands.config, edge_retrieval.commands.service; "
+            "import sys, edge_retrieval, edge_retrieval.cli.commands.config, edge_retrieval.cli.commands.service; "
             "print(edge_retrieval.__file__); print('torch' in sys.modules)",
         ],
         capture_output=True,

@@ -36,7 +36,7 @@ class JointTextSide(TextSide):
     def __init__(self, bundle: Bundle, spec: TextSpec, threads: int = 1) -> None:
         from tokenizers import Tokenizer
 
-        from ..expert import OnnxEncoder
+        from ..pipeline.expert import OnnxEncoder
 
         try:
             self.params = JointTextParams(**spec.params)

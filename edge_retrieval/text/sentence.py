@@ -31,7 +31,7 @@ class SentenceEncoder:
             raise BundleError(f"cannot read tokenizer {str(tokenizer_path)!r}: {exc}") from exc
         self.tokenizer.enable_truncation(int(max_tokens))
         self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
-        from ..expert import OnnxEncoder
+        from ..pipeline.expert import OnnxEncoder
 
         self.encoder = OnnxEncoder(str(onnx_path), "input_ids", ["embedding"], threads=threads)
         inputs = {i.name for i in self.encoder.session.get_inputs()}

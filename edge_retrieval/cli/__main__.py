@@ -1,0 +1,7 @@
+"""``python -m edge_retrieval.cli``: the same entry point as the ``edge-retrieval`` script."""
+
+from __future__ import annotations
+
+from .main import main
+
+raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""``edge-retrieval index DIR --bundle B``: embed a folder of recordings for text search.
+
+Incremental: files already indexed at the same size and mtime are skipped, so a re-run only embeds
+new or changed recordings. A file that cannot be read is reported on one line and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ...bundle import load_bundle
+from ...offline.archive import DEFAULT_INDEX_DIR, ArchiveIndex, index_folder
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", type=Path, help="folder of recordings (searched recursively)")
+    p.add_argument("--bundle", required=True, type=Path, help="model bundle directory")
+    p.add_argument("--out", type=Path, default=None, help=f"index directory (default DIR/{DEFAULT_INDEX_DIR})")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads (default 1)")
+    p.add_argument("--site", default=None, help="site name for every file (default: GUANO Site, else first sub-folder)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    out = args.out or (args.dir / DEFAULT_INDEX_DIR)
+    bundle = load_bundle(args.bundle, part="device")
+
+    def progress(items, total):  # noqa: ANN001, ANN202
+        if args.quiet or total == 0:
+            return items
+        from tqdm import tqdm
+
+        return tqdm(items, total=total, unit="file", desc="indexing", file=sys.stderr)
+
+    def on_error(path: str, msg: str) -> None:
+        print(f"edge-retrieval index: skipped {path}: {msg}", file=sys.stderr)
+
+    with ArchiveIndex(out, create=True) as index:
+        report = index_folder(args.dir, bundle, index, threads=args.threads, site=args.site,
+                              progress=progress, on_error=on_error)
+        stats = index.stats()
+    print(
+        f"index {out}: {report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
+        f"{report.pruned} removed, {len(report.failed)} failed; {report.windows} new windows; "
+        f"total {stats['files']} files, {stats['windows']} windows"
+    )
+    return 1 if report.failed and not (report.added or report.updated or report.unchanged) else 0

@@ -1,0 +1,68 @@
+"""``edge-retrieval search "rain on a tin roof" --index INDEX``: rank indexed windows by a text query.
+
+Prints file, offset and (when the recording carries its start time) the absolute UTC time of
+the best windows. ``--audio FILE`` searches by example instead of by text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from ...bundle import load_bundle
+from ...errors import ConfigError
+from ...offline.archive import ArchiveIndex, open_search_bundle, parse_when
+from ...offline.retrieval import FileEmbedder, example_query, fmt_offset, text_queries
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("text", nargs="?", default=None, help="what to look for, in words")
+    p.add_argument("--index", required=True, type=Path, help="index directory (from edge-retrieval index)")
+    p.add_argument("--bundle", type=Path, default=None, help="bundle (default: the one the index was built with)")
+    p.add_argument("--audio", type=Path, default=None, help="search by example: a recording instead of text")
+    p.add_argument("--top", type=int, default=10, help="how many windows (default 10)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--csv", action="store_true", help="CSV on stdout")
+    fmt.add_argument("--json", action="store_true", help="JSON on stdout")
+    p.add_argument("--since", default=None, help="only windows at or after this UTC date/time (YYYY-MM-DD[THH:MM])")
+    p.add_argument("--until", default=None, help="only windows before this date/time (a bare date includes that day)")
+    p.add_argument("--site", default=None, help="only recordings of this site")
+
+
+def main(args: argparse.Namespace) -> int:
+    if (args.text is None) == (args.audio is None):
+        raise ConfigError("give either a query text or --audio FILE (not both)")
+    if args.top < 1:
+        raise ConfigError(f"--top {args.top!r} must be >= 1")
+    since = parse_when(args.since) if args.since else None
+    until = parse_when(args.until, end_of_day=True) if args.until else None
+    with ArchiveIndex(args.index) as index:
+        if args.audio is not None:
+            path = args.bundle or index.bundle_path
+            if not path:
+                raise ConfigError("no --bundle given and the index does not record one")
+            bundle = load_bundle(path, part="device")
+            index.check_space(bundle.manifest)
+            query = example_query(FileEmbedder(bundle).embed_file(args.audio), bundle.manifest)
+        else:
+            bundle = open_search_bundle(index, args.bundle)
+            query = text_queries(bundle, [args.text])[0]
+        hits = index.search(query, top=args.top, since=since, until=until, site=args.site)
+    rows = [h.as_dict() for h in hits]
+    if args.json:
+        print(json.dumps({"query": query.text, "hits": rows}, indent=2))
+    elif args.csv:
+        w = csv.DictWriter(sys.stdout, fieldnames=["rank", "score", "file", "offset_s", "end_s", "time", "site"])
+        w.writeheader()
+        for i, r in enumerate(rows, 1):
+            w.writerow({"rank": i, **r})
+    else:
+        if not rows:
+            print("no matching windows")
+        for i, h in enumerate(hits, 1):
+            extra = "  ".join(x for x in (h.time or "", h.site or "") if x)
+            print(f"{i:>3}  {h.score:.4f}  {h.path}  @{fmt_offset(h.offset_s)}  {extra}".rstrip())
+    return 0

@@ -1,0 +1,445 @@
+"""The streaming daemon: source -> windows -> gate -> front end -> encoder -> matcher -> detector -> sinks.
+
+Two threads. The capture thread reads the source, keeps the recent-audio history for clips, cuts
+windows (``windows.Windower``) and puts complete ticks into a bounded queue of at most
+``max_queue_s`` seconds of hops. The inference thread (the caller of ``run``) takes up to
+``max_batch`` ticks at once (batching when behind), gates near-silent windows, encodes the
+rest, scores every query in one product per expert and runs the detector.
+
+When inference is slower than real time, a live source (microphone, real-time replay) cannot
+wait: the oldest queued tick is dropped and counted. A non-live source (a file read as fast as
+possible, a stdin pipe) is simply read more slowly, so nothing is lost. Either way memory stays
+bounded. The real-time factor ``rtf`` = inference busy time / audio time processed (< 1 keeps up);
+``cpu_rtf`` and ``stage_cpu_s`` count CPU time of the thread doing each stage (decode and window
+on the capture thread, the rest on the inference thread), so they hold on a busy machine too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from ..bundle import Bundle, load_bundle
+from ..errors import EdgeRetrievalError, EncoderError, QueryRejected, SourceError
+from ..pipeline.detector import Detector, Transition
+from ..pipeline.expert import AudioExpert, load_experts
+from ..pipeline.gate import EnergyGate
+from ..pipeline.matcher import Matcher, compile_query
+from ..pipeline.windows import ExpertWindowing, Tick, Windower, common_step
+from ..policy import PolicyOverlay
+from ..protocol import Event, QueryMessage
+from .clips import ClipWriter
+from .ringbuffer import AudioHistory
+from .sinks import Sink
+from .sources import FileSource, MicSource, Source, StdinSource
+
+log = logging.getLogger(__name__)
+
+STAGES = ("decode", "window", "gate", "frontend", "encoder", "matcher", "detector")
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Daemon:
+    """Listens to one source and raises events for the registered queries (see module doc)."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        source: Source,
+        *,
+        device_id: str,
+        threads: int = 1,
+        providers: list[str] | None = None,
+        overlap: float = 0.0,
+        gate_dbfs: float | None = -70,
+        policy: PolicyOverlay | None = None,
+        sinks: Iterable[Sink] = (),
+        max_batch: int = 8,
+        max_queue_s: float = 30,
+        clock: Callable[[], str] | None = None,
+        site: str | None = None,
+        lat: float | None = None,
+        lon: float | None = None,
+        clips: ClipWriter | None = None,
+    ) -> None:
+        m = bundle.manifest
+        self.bundle, self.source, self.device_id = bundle, source, device_id
+        self.site, self.lat, self.lon = site, lat, lon
+        self.clock = clock  # returns the clock status: "synced" | "unsynced" | "unknown"
+        try:
+            self.step_s = common_step(m.device.hop_s, overlap)
+        except ValueError as exc:
+            raise EdgeRetrievalError(str(exc)) from exc
+        if max_batch < 1:
+            raise EdgeRetrievalError(f"max_batch {max_batch!r} must be >= 1")
+        self.experts: list[AudioExpert] = load_experts(bundle, threads, providers)
+        self.primary = max(self.experts, key=lambda e: e.spec.window_s).name  # gate on the longest window
+        self.windower = Windower(
+            [ExpertWindowing(e.name, e.sample_rate, e.spec.window_s) for e in self.experts],
+            source.sample_rate,
+            self.step_s,
+        )
+        self.matcher = Matcher(m)
+        self.detector = Detector(policy)
+        self.gate = EnergyGate(gate_dbfs)
+        self._sinks: list[Sink] = list(sinks)
+        self.max_batch = int(max_batch)
+        # bounded queue of ticks: units = hops (max_queue_s of audio), at least one batch
+        self.max_queue = max(self.max_batch, int(math.ceil(max_queue_s / self.step_s - 1e-9)))
+        self._queue: deque[Tick] = deque()
+        self._cv = threading.Condition()
+        self._stop = threading.Event()
+        self._source_done = False
+        self.clips = clips
+        self.history: AudioHistory | None = None
+        if clips is not None:
+            self.history = AudioHistory(int((clips.history_s + max_queue_s + 5) * source.sample_rate))
+        self._pending_clips: list[Event] = []
+        self._thread: threading.Thread | None = None
+        self._capture: threading.Thread | None = None
+        self.source_error: str | None = None
+        self.error: BaseException | None = None
+        # counters (windows = ticks)
+        self.windows = 0  # ticks taken by the inference thread
+        self.encoded = 0
+        self.gated = 0
+        self.idle = 0  # ticks not encoded because no query was registered
+        self.dropped = 0  # ticks dropped because inference was behind a live source
+        self.failed = 0  # ticks whose encoder run failed
+        self.events = 0  # events closed (final updates)
+        self.sink_errors = 0
+        self.busy_s = 0.0  # wall seconds the inference thread spent on windows
+        self.cpu_s = 0.0  # CPU seconds of the inference thread (onnxruntime runs in it with 1 thread)
+        self.audio_s = 0.0
+        self.stage_s: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        self.started: float | None = None
+        self.t0_wall: float | None = None  # wall clock at stream offset 0
+        self.t0_mono: float | None = None  # monotonic clock at stream offset 0 (live sources)
+
+    # ------------------------------------------------------------------ queries and sinks
+
+    def apply_query(self, msg: QueryMessage) -> None:
+        """Register (or update, or delete) a query; raises QueryRejected naming the problem."""
+        if msg.deleted:
+            self.matcher.remove(msg.query_id, version=msg.version)
+            return
+        if msg.expired():
+            raise QueryRejected(f"query {msg.query_id!r} v{msg.version} expired at {msg.expires}")
+        self.matcher.add(compile_query(msg, self.bundle.manifest))
+
+    def remove_query(self, query_id: str) -> None:
+        self.matcher.remove(query_id)
+
+    def add_sink(self, sink: Sink) -> None:
+        with self._cv:
+            self._sinks = [*self._sinks, sink]
+
+    # ------------------------------------------------------------------ threads
+
+    def _put(self, tick: Tick) -> None:
+        with self._cv:
+            if self.source.live:
+                while len(self._queue) >= self.max_queue:
+                    self._queue.popleft()
+                    self.dropped += 1
+            else:
+                while len(self._queue) >= self.max_queue and not self._stop.is_set():
+                    self._cv.wait(0.5)
+            self._queue.append(tick)
+            self._cv.notify_all()
+
+    def _capture_loop(self) -> None:
+        it = iter(self.source.blocks())
+        live = self.source.live
+        try:
+            while not self._stop.is_set():
+                t0 = time.thread_time()
+                block = next(it, None)
+                t1 = time.thread_time()
+                if not live:
+                    self.stage_s["decode"] += t1 - t0
+                if block is None:
+                    break
+                if self.t0_wall is None:
+                    lag = block.size / self.source.sample_rate if live else 0.0
+                    self.t0_wall = time.time() - lag
+                    self.t0_mono = time.monotonic() - lag
+                if self.history is not None:
+                    self.history.append(block)
+                for tick in self.windower.push(block):
+                    self._put(tick)
+                self.stage_s["window"] += time.thread_time() - t1
+            if not self._stop.is_set():
+                for tick in self.windower.flush():
+                    self._put(tick)
+        except SourceError as exc:
+            self.source_error = str(exc)
+            log.warning("source %s: %s", self.source.name, exc)
+        except Exception as exc:  # a bug or an unexpected library failure: report, do not hang
+            self.source_error = f"{type(exc).__name__}: {exc}"
+            log.exception("capture thread failed")
+        finally:
+            with self._cv:
+                self._source_done = True
+                self._cv.notify_all()
+
+    def _take(self) -> list[Tick]:
+        with self._cv:
+            while not self._queue and not self._source_done and not self._stop.is_set():
+                self._cv.wait(0.5)
+            n = min(len(self._queue), self.max_batch)
+            batch = [self._queue.popleft() for _ in range(n)]
+            self._cv.notify_all()
+            return batch
+
+    def run(self) -> None:
+        """Block until the source ends or ``stop()`` is called; then close open events."""
+        self.started = time.monotonic()
+        self._capture = threading.Thread(target=self._capture_loop, name="er-capture", daemon=True)
+        self._capture.start()
+        try:
+            while not self._stop.is_set():
+                batch = self._take()
+                if not batch:
+                    if self._source_done:
+                        break
+                    continue
+                self._process(batch)
+        finally:
+            self._stop.set()
+            self.source.stop()
+            with self._cv:
+                self._cv.notify_all()
+            self._capture.join(timeout=5)
+            for tr in self.detector.flush():
+                self._transition(tr)
+            self._flush_clips(force=True)
+
+    def start(self) -> None:
+        """``run()`` in a background thread (errors are kept in ``self.error``)."""
+
+        def target() -> None:
+            try:
+                self.run()
+            except BaseException as exc:  # keep it for the caller; the thread must not die silently
+                self.error = exc
+                log.exception("daemon stopped by an error")
+
+        self._thread = threading.Thread(target=target, name="er-daemon", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.source.stop()
+        with self._cv:
+            self._cv.notify_all()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ inference
+
+    def _process(self, batch: list[Tick]) -> None:
+        t_start, c_start = time.perf_counter(), time.thread_time()
+        snap = self.matcher.snapshot
+        if not snap.queries:
+            self.idle += len(batch)
+            rows: list[np.ndarray | None] = [None] * len(batch)
+        else:
+            t0 = time.thread_time()
+            keep = [i for i, t in enumerate(batch) if self.gate.open(t.windows[self.primary])]
+            self.gated += len(batch) - len(keep)
+            self.stage_s["gate"] += time.thread_time() - t0
+            rows = [None] * len(batch)
+            if keep:
+                try:
+                    vectors = {}
+                    for ex in self.experts:
+                        x = np.stack([batch[i].windows[ex.name] for i in keep])
+                        t1 = time.thread_time()
+                        feats = ex.features(x)
+                        t2 = time.thread_time()
+                        vectors[ex.name] = ex.finish(ex.encode(feats)[0])
+                        self.stage_s["frontend"] += t2 - t1
+                        self.stage_s["encoder"] += time.thread_time() - t2
+                    t4 = time.thread_time()
+                    scores = snap.score(vectors)
+                    self.stage_s["matcher"] += time.thread_time() - t4
+                    for j, i in enumerate(keep):
+                        rows[i] = scores[j]
+                    self.encoded += len(keep)
+                except EncoderError as exc:
+                    self.failed += len(keep)
+                    log.warning("encoder failed on %d window(s): %s", len(keep), exc)
+        t5 = time.thread_time()
+        for tick, row in zip(batch, rows, strict=True):
+            for tr in self.detector.step(snap.queries, tick.start_s, tick.end_s, row):
+                self._transition(tr)
+        self._flush_clips(force=False, now_s=batch[-1].end_s)
+        self.stage_s["detector"] += time.thread_time() - t5
+        self.windows += len(batch)
+        self.audio_s += self.step_s * len(batch)
+        self.busy_s += time.perf_counter() - t_start
+        self.cpu_s += time.thread_time() - c_start
+
+    def _event(self, tr: Transition) -> Event:
+        ev = tr.event
+        if self.source.live and self.t0_mono is not None:
+            # live audio: offset -> wall time through the monotonic clock and the wall clock *now*,
+            # so an NTP step after start (a board without an RTC) does not skew later events
+            t0 = time.time() - (time.monotonic() - self.t0_mono)
+        else:
+            t0 = self.t0_wall if self.t0_wall is not None else time.time()
+        clock = "unknown"
+        if self.clock is not None:
+            try:
+                clock = self.clock()
+            except Exception as exc:  # a status probe must not stop detection
+                log.debug("clock status failed: %s", exc)
+        if clock not in ("synced", "unsynced", "unknown"):
+            clock = "unknown"
+        return Event(
+            event_id=ev.event_id,
+            device=self.device_id,
+            query_id=ev.query_id,
+            query=ev.query,
+            score=round(float(ev.peak), 4),
+            start_s=round(ev.start_s, 3),
+            end_s=round(ev.end_s, 3),
+            time=_iso(t0 + ev.start_s),
+            clock=clock,  # type: ignore[arg-type]
+            source=self.source.name,
+            final=tr.final,
+            site=self.site,
+            lat=self.lat,
+            lon=self.lon,
+        )
+
+    def _transition(self, tr: Transition) -> None:
+        ev = self._event(tr)
+        if tr.final:
+            self.events += 1
+            if self.clips is not None and self.history is not None:
+                self._pending_clips.append(ev)
+                return
+        self._emit(ev)
+
+    def _flush_clips(self, force: bool, now_s: float | None = None) -> None:
+        if not self._pending_clips or self.clips is None or self.history is None:
+            return
+        rate = self.source.sample_rate
+        now = self.history.total / rate if now_s is None else max(now_s, 0.0)
+        keep: list[Event] = []
+        for ev in self._pending_clips:
+            a, b = self.clips.span(ev.start_s, ev.end_s)
+            if not force and min(now, self.history.total / rate) < b:
+                keep.append(ev)
+                continue
+            name = self.clips.write(ev.event_id, self.history.slice(int(a * rate), int(b * rate)), rate)
+            self._emit(ev.model_copy(update={"clip": name}) if name else ev)
+        self._pending_clips = keep
+
+    def _emit(self, ev: Event) -> None:
+        for sink in self._sinks:
+            try:
+                sink.emit(ev)
+            except Exception as exc:  # a broken sink must not stop detection
+                self.sink_errors += 1
+                log.warning("sink %s failed: %s", type(sink).__name__, exc)
+
+    # ------------------------------------------------------------------ status
+
+    @property
+    def rtf(self) -> float | None:
+        return self.busy_s / self.audio_s if self.audio_s > 0 else None
+
+    @property
+    def cpu_rtf(self) -> float | None:
+        """CPU seconds per audio second (insensitive to other load on the machine)."""
+        return self.cpu_s / self.audio_s if self.audio_s > 0 else None
+
+    def health(self) -> dict[str, Any]:
+        src_stats: dict[str, Any] = {}
+        try:
+            src_stats = dict(self.source.stats())
+        except Exception as exc:  # stats are informative only
+            log.debug("source stats failed: %s", exc)
+        rtf = self.rtf
+        return {
+            "rtf": round(rtf, 4) if rtf is not None else None,
+            "cpu_rtf": round(self.cpu_rtf, 4) if self.cpu_rtf is not None else None,
+            "windows": self.windows,
+            "encoded": self.encoded,
+            "gated": self.gated,
+            "idle": self.idle,
+            "dropped": self.dropped,
+            "failed": self.failed,
+            "events": self.events,
+            "active_events": self.detector.active_count(),
+            "queue": len(self._queue),
+            "queue_max": self.max_queue,
+            "queries": len(self.matcher),
+            "query_ids": sorted(q.query_id for q in self.matcher.snapshot.queries),
+            "step_s": self.step_s,
+            "audio_s": round(self.audio_s, 3),
+            "uptime_s": round(time.monotonic() - self.started, 3) if self.started else 0.0,
+            "stage_cpu_s": {k: round(v, 4) for k, v in self.stage_s.items()},
+            "source": {"name": self.source.name, "rate": self.source.sample_rate, **src_stats,
+                       "error": self.source_error},
+            "bundle": {"name": self.bundle.manifest.name, "space_id": self.bundle.manifest.space.id},
+            "sink_errors": self.sink_errors,
+            "clips": None if self.clips is None else {"written": self.clips.written, "deleted": self.clips.deleted},
+        }
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_config(cls, cfg: Any, sinks: Iterable[Sink] = (), bundle: Bundle | None = None) -> Daemon:
+        """Build the daemon a ``DeviceConfig`` describes (local queries are applied by the caller)."""
+        if bundle is None:
+            bundle = load_bundle(cfg.model.bundle, part="device")
+        src = source_from_config(cfg)
+        clips = None
+        if cfg.clips.enabled:
+            cdir = cfg.clips.dir or (cfg.storage.dir / "clips")
+            clips = ClipWriter(cdir, cfg.clips.max_mb, cfg.clips.pre_s, cfg.clips.post_s, cfg.clips.max_clip_s)
+        return cls(
+            bundle,
+            src,
+            device_id=cfg.device.id,
+            threads=cfg.model.threads,
+            providers=list(cfg.model.providers),
+            overlap=cfg.windows.overlap,
+            gate_dbfs=cfg.gate.energy_dbfs if cfg.gate.enabled else None,
+            policy=cfg.detection.policy,
+            sinks=sinks,
+            max_batch=cfg.windows.max_batch,
+            max_queue_s=cfg.windows.max_queue_s,
+            site=cfg.device.site,
+            lat=cfg.device.lat,
+            lon=cfg.device.lon,
+            clips=clips,
+        )
+
+
+def source_from_config(cfg: Any) -> Source:
+    a = cfg.audio
+    if a.source == "file":
+        if a.path is None:
+            raise SourceError("audio.path is required when audio.source is 'file'")
+        return FileSource(a.path, block_s=max(a.block_s, 0.5), realtime=a.realtime)
+    if a.source == "stdin":
+        return StdinSource(rate=a.stdin_rate, fmt=a.stdin_format, channels=a.channels, block_s=a.block_s)
+    return MicSource(device=a.device, rate=a.capture_rate, channels=a.channels, block_s=a.block_s)

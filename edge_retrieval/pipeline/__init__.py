@@ -1,0 +1,1 @@
+"""The streaming pipeline: windows -> gate -> experts (front end + encoder) -> matcher -> detector."""
