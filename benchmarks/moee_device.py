@@ -38,13 +38,12 @@ def _worker(argv: list[str]) -> int:
     p.add_argument("--no-share", action="store_true")
     a = p.parse_args(argv)
     if a.no_share:  # the loader before sessions were shared: one AudioExpert per spec
-        from ..device import daemon
-        from ..pipeline import expert
+        from ..pipeline import core, expert
 
         def alone(bundle, threads=1, providers=None):  # noqa: ANN001, ANN202
             return [expert.AudioExpert(bundle, s, threads, providers) for s in bundle.manifest.device.experts]
 
-        daemon.load_experts = alone
+        core.load_experts = alone
     print(json.dumps(daemon_bench.worker(a.bundle, a.wav, a.queries, a.threads, a.max_batch)))
     return 0
 

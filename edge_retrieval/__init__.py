@@ -1,5 +1,8 @@
 """edge-retrieval: natural-language audio retrieval on field devices.
 
+Embed the detector in a program: ``Pipeline(bundle, queries, policy).feed(samples)`` returns
+the transitions (onset, final update) of the events the samples complete; see docs/architecture.md.
+
 The runtime (this package) needs numpy and onnxruntime only; the export stage lives in
 ``edge_retrieval.export`` and is the only part that may import torch.
 """
@@ -18,6 +21,7 @@ from .errors import (
     StoreError,
     TransportError,
 )
+from .pipeline import Pipeline, Transition
 from .policy import DetectionPolicy, PolicyOverlay
 from .protocol import Event, QueryMessage
 
@@ -34,11 +38,13 @@ __all__ = [
     "Event",
     "ExportError",
     "Manifest",
+    "Pipeline",
     "PolicyOverlay",
     "QueryMessage",
     "QueryRejected",
     "SourceError",
     "StoreError",
+    "Transition",
     "TransportError",
     "__version__",
     "load_bundle",

@@ -167,23 +167,19 @@ ARCHIVE_QUERIES = {  # tests/test_archive_fixture.py FIXED_QUERIES (category -> 
 
 
 def _window_outputs(bundle, x: np.ndarray, rate: int, threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # noqa: ANN001
-    """(starts, ends, probabilities [T, labels]) of the first expert on the daemon's windowing; gated rows NaN."""
-    from edge_retrieval.pipeline.expert import load_experts
-    from edge_retrieval.pipeline.gate import EnergyGate
-    from edge_retrieval.pipeline.windows import ExpertWindowing, Windower, common_step
+    """(starts, ends, vectors [T, labels]) of the first expert through the daemon's Pipeline; gated rows NaN."""
+    from edge_retrieval.pipeline import Pipeline
 
-    e = load_experts(bundle, threads)[0]
-    win = Windower([ExpertWindowing(e.name, e.sample_rate, e.spec.window_s)], rate,
-                   common_step(bundle.manifest.device.hop_s, 0.0))
-    gate = EnergyGate(-70.0)
+    pipe = Pipeline(bundle, sample_rate=rate, gate_dbfs=-70.0, threads=threads)
+    e = pipe.experts[0]
     starts, ends, rows = [], [], []
     step = int(5 * rate)
-    blocks = [list(win.push(x[i : i + step])) for i in range(0, x.size, step)] + [list(win.flush())]
+    blocks = [pipe.push(x[i : i + step]) for i in range(0, x.size, step)] + [pipe.flush()]
     for ticks in blocks:
         out = np.full((len(ticks), e.dim), np.nan, np.float32)
-        keep = [j for j, t in enumerate(ticks) if gate.open(t.windows[e.name])]
+        keep, vectors = pipe.embed(ticks)
         if keep:
-            out[keep] = e.embed(np.stack([ticks[j].windows[e.name] for j in keep]))
+            out[keep] = vectors[e.name]
         starts += [t.start_s for t in ticks]
         ends += [t.end_s for t in ticks]
         rows.append(out)

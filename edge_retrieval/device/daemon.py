@@ -1,10 +1,10 @@
-"""The streaming daemon: source -> windows -> gate -> front end -> encoder -> matcher -> detector -> sinks.
+"""The streaming daemon: a source and sinks around the one ``Pipeline``, on two threads.
 
-Two threads. The capture thread reads the source, keeps the recent-audio history for clips, cuts
-windows (``windows.Windower``) and puts complete ticks into a bounded queue of at most
-``max_queue_s`` seconds of hops. The inference thread (the caller of ``run``) takes up to
-``max_batch`` ticks at once (batching when behind), gates near-silent windows, encodes the
-rest, scores every query in one product per expert and runs the detector.
+The capture thread reads the source, keeps the recent-audio history for clips, cuts windows
+(``Pipeline.push``) and puts complete ticks into a bounded queue of at most ``max_queue_s``
+seconds of hops. The inference thread (the caller of ``run``) takes up to ``max_batch`` ticks at
+once (batching when behind) and runs ``Pipeline.step`` on them (gate, encode, score every query,
+detect); the daemon turns the detector's transitions into events with wall-clock times.
 
 When inference is slower than real time, a live source (microphone, real-time replay) cannot
 wait: the oldest queued tick is dropped and counted. A non-live source (a file read as fast as
@@ -25,15 +25,13 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
 
-import numpy as np
-
 from ..bundle import Bundle, load_bundle
-from ..errors import EdgeRetrievalError, EncoderError, QueryRejected, SourceError
+from ..errors import SourceError
+from ..pipeline.core import Pipeline
 from ..pipeline.detector import Detector, Transition
-from ..pipeline.expert import AudioExpert, load_experts
-from ..pipeline.gate import EnergyGate
-from ..pipeline.matcher import Matcher, compile_query
-from ..pipeline.windows import ExpertWindowing, Tick, Windower, common_step
+from ..pipeline.expert import AudioExpert
+from ..pipeline.matcher import Matcher
+from ..pipeline.windows import Tick
 from ..policy import PolicyOverlay
 from ..protocol import Event, QueryMessage
 from .clips import ClipWriter
@@ -42,9 +40,6 @@ from .sinks import Sink
 from .sources import FileSource, MicSource, Source, StdinSource
 
 log = logging.getLogger(__name__)
-
-STAGES = ("decode", "window", "gate", "frontend", "encoder", "matcher", "detector")
-
 
 def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -73,26 +68,12 @@ class Daemon:
         lon: float | None = None,
         clips: ClipWriter | None = None,
     ) -> None:
-        m = bundle.manifest
         self.bundle, self.source, self.device_id = bundle, source, device_id
         self.site, self.lat, self.lon = site, lat, lon
         self.clock = clock  # returns the clock status: "synced" | "unsynced" | "unknown"
-        try:
-            self.step_s = common_step(m.device.hop_s, overlap)
-        except ValueError as exc:
-            raise EdgeRetrievalError(str(exc)) from exc
-        if max_batch < 1:
-            raise EdgeRetrievalError(f"max_batch {max_batch!r} must be >= 1")
-        self.experts: list[AudioExpert] = load_experts(bundle, threads, providers)
-        self.primary = max(self.experts, key=lambda e: e.spec.window_s).name  # gate on the longest window
-        self.windower = Windower(
-            [ExpertWindowing(e.name, e.sample_rate, e.spec.window_s) for e in self.experts],
-            source.sample_rate,
-            self.step_s,
-        )
-        self.matcher = Matcher(m)
-        self.detector = Detector(policy)
-        self.gate = EnergyGate(gate_dbfs)
+        self.pipeline = Pipeline(bundle, (), policy, sample_rate=source.sample_rate, overlap=overlap,
+                                 gate_dbfs=gate_dbfs, threads=threads, providers=providers, max_batch=max_batch)
+        self.step_s = self.pipeline.step_s
         self._sinks: list[Sink] = list(sinks)
         self.max_batch = int(max_batch)
         # bounded queue of ticks: units = hops (max_queue_s of audio), at least one batch
@@ -110,36 +91,63 @@ class Daemon:
         self._capture: threading.Thread | None = None
         self.source_error: str | None = None
         self.error: BaseException | None = None
-        # counters (windows = ticks)
-        self.windows = 0  # ticks taken by the inference thread
-        self.encoded = 0
-        self.gated = 0
-        self.idle = 0  # ticks not encoded because no query was registered
+        # counters (windows = ticks; the pipeline counts encoded, gated, idle and failed ticks)
         self.dropped = 0  # ticks dropped because inference was behind a live source
-        self.failed = 0  # ticks whose encoder run failed
         self.events = 0  # events closed (final updates)
         self.sink_errors = 0
         self.busy_s = 0.0  # wall seconds the inference thread spent on windows
         self.cpu_s = 0.0  # CPU seconds of the inference thread (onnxruntime runs in it with 1 thread)
         self.audio_s = 0.0
-        self.stage_s: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        self.stage_s = self.pipeline.stage_s  # CPU seconds per stage (decode and window counted here)
         self.started: float | None = None
         self.t0_wall: float | None = None  # wall clock at stream offset 0
         self.t0_mono: float | None = None  # monotonic clock at stream offset 0 (live sources)
+
+    # ------------------------------------------------------------------ the pipeline's parts
+
+    @property
+    def matcher(self) -> Matcher:
+        return self.pipeline.matcher
+
+    @property
+    def detector(self) -> Detector:
+        return self.pipeline.detector
+
+    @property
+    def experts(self) -> list[AudioExpert]:
+        return self.pipeline.experts
+
+    @property
+    def windows(self) -> int:
+        """Ticks taken by the inference thread."""
+        return self.pipeline.windows
+
+    @property
+    def encoded(self) -> int:
+        return self.pipeline.encoded
+
+    @property
+    def gated(self) -> int:
+        return self.pipeline.gated
+
+    @property
+    def idle(self) -> int:
+        """Ticks not encoded because no query was registered."""
+        return self.pipeline.idle
+
+    @property
+    def failed(self) -> int:
+        """Ticks whose encoder run failed."""
+        return self.pipeline.failed
 
     # ------------------------------------------------------------------ queries and sinks
 
     def apply_query(self, msg: QueryMessage) -> None:
         """Register (or update, or delete) a query; raises QueryRejected naming the problem."""
-        if msg.deleted:
-            self.matcher.remove(msg.query_id, version=msg.version)
-            return
-        if msg.expired():
-            raise QueryRejected(f"query {msg.query_id!r} v{msg.version} expired at {msg.expires}")
-        self.matcher.add(compile_query(msg, self.bundle.manifest))
+        self.pipeline.add_query(msg)
 
     def remove_query(self, query_id: str) -> None:
-        self.matcher.remove(query_id)
+        self.pipeline.remove_query(query_id)
 
     def add_sink(self, sink: Sink) -> None:
         with self._cv:
@@ -177,11 +185,11 @@ class Daemon:
                     self.t0_mono = time.monotonic() - lag
                 if self.history is not None:
                     self.history.append(block)
-                for tick in self.windower.push(block):
+                for tick in self.pipeline.push(block):
                     self._put(tick)
                 self.stage_s["window"] += time.thread_time() - t1
             if not self._stop.is_set():
-                for tick in self.windower.flush():
+                for tick in self.pipeline.flush():
                     self._put(tick)
         except SourceError as exc:
             self.source_error = str(exc)
@@ -222,7 +230,7 @@ class Daemon:
             with self._cv:
                 self._cv.notify_all()
             self._capture.join(timeout=5)
-            for tr in self.detector.flush():
+            for tr in self.pipeline.end_events():
                 self._transition(tr)
             self._flush_clips(force=True)
 
@@ -253,43 +261,12 @@ class Daemon:
 
     def _process(self, batch: list[Tick]) -> None:
         t_start, c_start = time.perf_counter(), time.thread_time()
-        snap = self.matcher.snapshot
-        if not snap.queries:
-            self.idle += len(batch)
-            rows: list[np.ndarray | None] = [None] * len(batch)
-        else:
-            t0 = time.thread_time()
-            keep = [i for i, t in enumerate(batch) if self.gate.open(t.windows[self.primary])]
-            self.gated += len(batch) - len(keep)
-            self.stage_s["gate"] += time.thread_time() - t0
-            rows = [None] * len(batch)
-            if keep:
-                try:
-                    vectors = {}
-                    for ex in self.experts:
-                        x = np.stack([batch[i].windows[ex.name] for i in keep])
-                        t1 = time.thread_time()
-                        feats = ex.features(x)
-                        t2 = time.thread_time()
-                        vectors[ex.name] = ex.finish(ex.encode(feats)[0])
-                        self.stage_s["frontend"] += t2 - t1
-                        self.stage_s["encoder"] += time.thread_time() - t2
-                    t4 = time.thread_time()
-                    scores = snap.score(vectors)
-                    self.stage_s["matcher"] += time.thread_time() - t4
-                    for j, i in enumerate(keep):
-                        rows[i] = scores[j]
-                    self.encoded += len(keep)
-                except EncoderError as exc:
-                    self.failed += len(keep)
-                    log.warning("encoder failed on %d window(s): %s", len(keep), exc)
-        t5 = time.thread_time()
-        for tick, row in zip(batch, rows, strict=True):
-            for tr in self.detector.step(snap.queries, tick.start_s, tick.end_s, row):
-                self._transition(tr)
+        transitions = self.pipeline.step(batch)
+        t0 = time.thread_time()
+        for tr in transitions:
+            self._transition(tr)
         self._flush_clips(force=False, now_s=batch[-1].end_s)
-        self.stage_s["detector"] += time.thread_time() - t5
-        self.windows += len(batch)
+        self.stage_s["detector"] += time.thread_time() - t0  # events out: part of the detector stage
         self.audio_s += self.step_s * len(batch)
         self.busy_s += time.perf_counter() - t_start
         self.cpu_s += time.thread_time() - c_start

@@ -12,42 +12,14 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import Bundle
-from ..device.sources import FileSource
-from ..pipeline.expert import load_experts
-from ..pipeline.windows import ExpertWindowing, Windower
 from ..protocol import MAX_SPARSE, SCHEMA, QueryMessage, encode_dense, encode_sparse, utcnow
+from .retrieval import FileEmbedder
 
 
 def example_vectors(bundle: Bundle, path: str | Path, threads: int = 1, max_batch: int = 16) -> dict[str, np.ndarray]:
-    """Mean vector per expert over the windows of ``path`` (file streamed in blocks)."""
-    experts = load_experts(bundle, threads)
-    src = FileSource(path)
-    win = Windower(
-        [ExpertWindowing(e.name, e.sample_rate, e.spec.window_s) for e in experts],
-        src.sample_rate,
-        bundle.manifest.device.hop_s,
-    )
-    sums = {e.name: np.zeros(e.dim, np.float64) for e in experts}
-    count = 0
-    pending: list = []
-
-    def drain() -> None:
-        nonlocal count
-        for e in experts:
-            x = np.stack([t.windows[e.name] for t in pending])
-            sums[e.name] += e.embed(x).sum(axis=0)  # type: ignore[union-attr]
-        count += len(pending)
-        pending.clear()
-
-    for block in src.blocks():
-        for tick in win.push(block):
-            pending.append(tick)
-            if len(pending) >= max_batch:
-                drain()
-    pending.extend(win.flush())
-    if pending:
-        drain()
-    return {k: (v / max(count, 1)).astype(np.float32) for k, v in sums.items()}
+    """Mean vector per expert over the windows of ``path`` (embedded by ``FileEmbedder``)."""
+    fv = FileEmbedder(bundle, threads, batch=max_batch).embed_file(path)
+    return {k: (v.astype(np.float64).sum(axis=0) / max(fv.n_windows, 1)).astype(np.float32) for k, v in fv.vectors.items()}
 
 
 def query_from_audio(

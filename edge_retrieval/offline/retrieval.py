@@ -1,7 +1,7 @@
 """Offline retrieval shared by archive search and evaluation: files -> window vectors -> scores -> metrics.
 
-A file is decoded by ``sources.FileSource`` and cut by ``windows.Windower`` exactly as the daemon
-does: windows start every ``hop_s`` of the bundle, each expert takes its own window length at its
+A file is decoded by ``device.sources.FileSource`` and embedded by ``pipeline.Pipeline`` exactly
+as the daemon does (without the gate): windows start every ``hop_s`` of the bundle, each expert takes its own window length at its
 own rate, and an uncovered tail gets one zero-padded window. A clip's score for a query is the max over its
 windows (ARCHITECTURE.md, "Scores"). Metrics follow Oncescu et al. 2021: Recall@K, median rank
 of the first relevant item, and mAP@10.
@@ -9,7 +9,7 @@ of the first relevant item, and mAP@10.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +18,9 @@ import numpy as np
 from ..bundle import Bundle, Manifest
 from ..device.sources import FileSource
 from ..errors import EncoderError, QueryRejected
-from ..pipeline.expert import AudioExpert, load_experts
-from ..pipeline.windows import ExpertWindowing, Tick, Windower
+from ..pipeline.core import Pipeline
+from ..pipeline.expert import AudioExpert
+from ..pipeline.windows import Tick
 from ..protocol import QueryMessage, VectorPayload, encode_sparse
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".w64", ".caf")
@@ -46,7 +47,7 @@ class FileVectors:
 
 
 class FileEmbedder:
-    """Embeds whole files with every audio expert of a bundle (device part only)."""
+    """Embeds whole files with every audio expert of a bundle (device part only), through ``Pipeline``."""
 
     def __init__(
         self, bundle: Bundle, threads: int = 1, providers: Sequence[str] | None = None, batch: int = 8
@@ -54,34 +55,32 @@ class FileEmbedder:
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.hop_s = self.manifest.device.hop_s
-        self.experts: list[AudioExpert] = load_experts(bundle, threads, providers)
-        self.batch = max(1, int(batch))
+        # every window is kept (no gate): an archive is searched for quiet sounds too
+        self.pipeline = Pipeline(bundle, threads=threads, providers=providers, gate_dbfs=None, max_batch=batch)
+        self.experts: list[AudioExpert] = self.pipeline.experts
+        self.batch = self.pipeline.max_batch
 
     def embed_file(self, path: str | Path) -> FileVectors:
-        """All windows of one file, on the daemon's windowing (edge_retrieval.pipeline.windows), in batches."""
+        """All windows of one file, on the daemon's windowing and encoders, in batches of ``batch``."""
         src = FileSource(path, block_s=_BLOCK_S)
-        win = Windower(
-            [ExpertWindowing(e.name, e.sample_rate, e.spec.window_s) for e in self.experts], src.in_rate, self.hop_s
-        )
-        pending: dict[str, list[np.ndarray]] = {e.name: [] for e in self.experts}
+        pipe = self.pipeline
+        pipe.new_stream(src.in_rate)
+        pending: list[Tick] = []
         done: dict[str, list[np.ndarray]] = {e.name: [] for e in self.experts}
         starts: list[float] = []
 
-        def take(ticks: Iterable[Tick], last: bool = False) -> None:
-            for t in ticks:
-                starts.append(t.start_s)
-                for name, w in t.windows.items():
-                    pending[name].append(w)
-            for e in self.experts:
-                while len(pending[e.name]) >= self.batch or (last and pending[e.name]):
-                    chunk, pending[e.name] = pending[e.name][: self.batch], pending[e.name][self.batch :]
-                    out = e.embed(np.stack(chunk))
-                    assert isinstance(out, np.ndarray)
-                    done[e.name].append(np.asarray(out, np.float32))
+        def take(ticks: list[Tick], last: bool = False) -> None:
+            pending.extend(ticks)
+            starts.extend(t.start_s for t in ticks)
+            while len(pending) >= self.batch or (last and pending):
+                chunk = pending[: self.batch]
+                del pending[: self.batch]
+                for name, v in pipe.encode(chunk, range(len(chunk))).items():
+                    done[name].append(v)
 
         for block in src.blocks():
-            take(win.push(block))
-        take(win.flush(), last=True)
+            take(pipe.push(block))
+        take(pipe.flush(), last=True)
         vectors = {}
         for e in self.experts:
             v = np.concatenate(done[e.name]) if done[e.name] else np.zeros((0, e.dim), np.float32)

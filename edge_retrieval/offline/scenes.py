@@ -18,7 +18,10 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..device.sources import FileSource
+from ..pipeline.core import Pipeline, run_detector
+from ..pipeline.detector import Detector
 from ..pipeline.matcher import CompiledQuery
+from ..pipeline.windows import Tick
 from ..policy import PolicyOverlay
 from ..protocol import QueryMessage
 
@@ -155,43 +158,30 @@ def stream_scores(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Raw per-window scores of ``msgs`` over samples ``x``: (starts [T], ends [T], scores [T, nq]).
 
-    The daemon's own parts (Windower, gate, experts, Matcher); gated windows are NaN rows.
+    ``Pipeline.score`` over blocks of ``block_s`` seconds (the daemon's own step, without the
+    detector, so its policy can be replayed by ``detect_offline``); gated windows are NaN rows.
     """
-    from ..pipeline.expert import load_experts
-    from ..pipeline.gate import EnergyGate
-    from ..pipeline.matcher import Matcher, compile_query
-    from ..pipeline.windows import ExpertWindowing, Windower, common_step
+    pipe = Pipeline(bundle, msgs, sample_rate=rate, overlap=overlap, gate_dbfs=gate_dbfs, threads=threads)
+    starts: list[float] = []
+    ends: list[float] = []
+    rows: list[np.ndarray] = []
 
-    experts = load_experts(bundle, threads)
-    primary = max(experts, key=lambda e: e.spec.window_s).name
-    win = Windower([ExpertWindowing(e.name, e.sample_rate, e.spec.window_s) for e in experts], rate,
-                   common_step(bundle.manifest.device.hop_s, overlap))
-    m = Matcher(bundle.manifest)
-    for msg in msgs:
-        m.add(compile_query(msg, bundle.manifest))
-    gate = EnergyGate(gate_dbfs)
-    starts, ends, rows = [], [], []
-
-    def score(ticks: list) -> None:
-        keep = [t for t in ticks if gate.open(t.windows[primary])]
+    def score(ticks: list[Tick]) -> None:
+        _, scored = pipe.score(ticks)
         out = np.full((len(ticks), len(msgs)), np.nan, np.float32)
-        if keep:
-            vec = {e.name: e.embed(np.stack([t.windows[e.name] for t in keep])) for e in experts}
-            _, s = m.score(vec)  # type: ignore[arg-type]
-            pos = {id(t): i for i, t in enumerate(keep)}
-            for j, t in enumerate(ticks):
-                if id(t) in pos:
-                    out[j] = s[pos[id(t)]]
+        for j, row in enumerate(scored):
+            if row is not None:
+                out[j] = row
         starts.extend(t.start_s for t in ticks)
         ends.extend(t.end_s for t in ticks)
         rows.append(out)
 
     step = int(block_s * rate)
     for i in range(0, x.size, step):
-        ticks = list(win.push(x[i : i + step]))
+        ticks = pipe.push(x[i : i + step])
         if ticks:
             score(ticks)
-    tail = list(win.flush())
+    tail = pipe.flush()
     if tail:
         score(tail)
     return np.asarray(starts), np.asarray(ends), np.concatenate(rows) if rows else np.zeros((0, len(msgs)))
@@ -201,18 +191,14 @@ def detect_offline(
     queries: Sequence[CompiledQuery], starts: np.ndarray, ends: np.ndarray, scores: np.ndarray,
     policy: PolicyOverlay | None,
 ) -> dict[str, list[tuple[float, float]]]:
-    """Run the detector over stored scores: query id -> [(start_s, end_s)] of its events."""
-    from ..pipeline.detector import Detector
-
+    """Replay the detector over stored scores: query id -> [(start_s, end_s)] of its events."""
     det = Detector(policy)
     out: dict[str, list[tuple[float, float]]] = {q.query_id: [] for q in queries}
-    for a, b, row in zip(starts, ends, scores, strict=True):
-        r = None if np.isnan(row).all() else row
-        for tr in det.step(queries, float(a), float(b), r):
-            if tr.final:
-                out[tr.event.query_id].append((tr.event.start_s, tr.event.end_s))
-    for tr in det.flush():
-        out[tr.event.query_id].append((tr.event.start_s, tr.event.end_s))
+    spans = ((float(a), float(b)) for a, b in zip(starts, ends, strict=True))
+    rows = (None if np.isnan(row).all() else row for row in scores)
+    for tr in [*run_detector(det, tuple(queries), spans, rows), *det.flush()]:
+        if tr.final:
+            out[tr.event.query_id].append((tr.event.start_s, tr.event.end_s))
     return out
 
 

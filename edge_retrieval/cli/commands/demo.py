@@ -28,7 +28,7 @@ from ...policy import PolicyOverlay
 from .run import local_queries, summary_line
 
 DEFAULT_BUNDLE = Path.home() / ".cache" / "edge-retrieval" / "bundles" / "birdnet-fp32"
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 # demo query -> fixture categories that count as that sound ("dog barking" has none: it should stay quiet)
 DEMO_QUERIES = DETECTION_QUERIES
 

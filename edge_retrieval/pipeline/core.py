@@ -1,0 +1,227 @@
+"""The one streaming pipeline: samples -> windows -> gate -> experts -> matcher -> detector -> transitions.
+
+``Pipeline(bundle, queries, policy).feed(samples)`` returns the detector's transitions (an event's
+onset, then its final update) and needs no threads: a program can embed it as it would
+openWakeWord's ``Model.predict``. The daemon (capture and inference threads around it), offline
+scoring (``offline.scenes.stream_scores``) and archive embedding (``offline.retrieval.FileEmbedder``)
+call the same parts, so a number tuned or measured offline is the number the device produces:
+
+- ``push(block)`` / ``flush()``: source samples -> complete ticks (``windows.Windower``);
+- ``embed(ticks)``: ``gate_ticks`` (the longest window's level) then ``encode`` (front end + encoder
+  of every expert);
+- ``score(ticks)``: ``embed`` + every query in one product per expert (a snapshot of the matcher);
+- ``detect(snapshot, ticks, rows)``: the detector over the scored ticks;
+- ``step(ticks)`` = ``detect(*score(ticks))``: one inference step; ``feed`` = ``push`` + ``step``.
+
+Ticks are scored in batches of at most ``max_batch`` (the encoder's batch dimension).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..errors import EdgeRetrievalError, EncoderError, QueryRejected
+from ..policy import PolicyOverlay
+from ..protocol import QueryMessage
+from .detector import Detector, Transition
+from .expert import AudioExpert, load_experts
+from .gate import EnergyGate
+from .matcher import CompiledQuery, Matcher, Snapshot, compile_query
+from .windows import ExpertWindowing, Tick, Windower, common_step
+
+log = logging.getLogger(__name__)
+
+# CPU seconds per stage; decode and window are counted by whoever reads the source (the daemon)
+STAGES = ("decode", "window", "gate", "frontend", "encoder", "matcher", "detector")
+
+Rows = list[np.ndarray | None]  # per tick: [queries] float32 scores, or None (gated, idle, failed)
+
+
+def run_detector(
+    detector: Detector, queries: tuple[CompiledQuery, ...], spans: Iterable[tuple[float, float]], rows: Iterable[np.ndarray | None]
+) -> list[Transition]:
+    """Step ``detector`` over scored windows ``(start_s, end_s)``; a None row is a miss (not encoded)."""
+    out: list[Transition] = []
+    for (start_s, end_s), row in zip(spans, rows, strict=True):
+        out.extend(detector.step(queries, start_s, end_s, row))
+    return out
+
+
+class Pipeline:
+    """windows -> gate -> experts -> matcher -> detector for one bundle (see module doc)."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        queries: Iterable[QueryMessage | CompiledQuery] = (),
+        policy: PolicyOverlay | None = None,
+        *,
+        sample_rate: int | None = None,
+        overlap: float = 0.0,
+        gate_dbfs: float | None = -70.0,
+        threads: int = 1,
+        providers: Sequence[str] | None = None,
+        max_batch: int = 8,
+    ) -> None:
+        """``sample_rate``: rate of the samples fed (default: the longest-window expert's rate)."""
+        m = bundle.manifest
+        self.bundle = bundle
+        try:
+            self.step_s = common_step(m.device.hop_s, overlap)
+        except ValueError as exc:
+            raise EdgeRetrievalError(str(exc)) from exc
+        if max_batch < 1:
+            raise EdgeRetrievalError(f"max_batch {max_batch!r} must be >= 1")
+        self.max_batch = int(max_batch)
+        self.experts: list[AudioExpert] = load_experts(bundle, threads, list(providers) if providers else None)
+        longest = max(self.experts, key=lambda e: e.spec.window_s)
+        self.primary = longest.name  # the gate listens to the longest window
+        self.gate = EnergyGate(gate_dbfs)
+        self.matcher = Matcher(m)
+        self.detector = Detector(policy)
+        self.sample_rate = int(sample_rate or longest.sample_rate)
+        self.windower = self._windower(self.sample_rate)
+        # counters (windows = ticks)
+        self.windows = 0  # ticks stepped
+        self.encoded = 0
+        self.gated = 0
+        self.idle = 0  # ticks not encoded because no query was registered
+        self.failed = 0  # ticks whose encoder run failed
+        self.stage_s: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        for q in queries:
+            self.add_query(q)
+
+    # ------------------------------------------------------------------ queries
+
+    def add_query(self, q: QueryMessage | CompiledQuery) -> bool:
+        """Register, update or (a tombstone message) delete a query; QueryRejected names the problem.
+
+        Returns False when the matcher ignored it (an older or equal version of a known id).
+        """
+        if isinstance(q, CompiledQuery):
+            return self.matcher.add(q)
+        if q.deleted:
+            return self.matcher.remove(q.query_id, version=q.version)
+        if q.expired():
+            raise QueryRejected(f"query {q.query_id!r} v{q.version} expired at {q.expires}")
+        return self.matcher.add(compile_query(q, self.bundle.manifest))
+
+    def remove_query(self, query_id: str) -> bool:
+        return self.matcher.remove(query_id)
+
+    # ------------------------------------------------------------------ windows
+
+    def _windower(self, rate: int) -> Windower:
+        return Windower([ExpertWindowing(e.name, e.sample_rate, e.spec.window_s) for e in self.experts], rate, self.step_s)
+
+    def new_stream(self, sample_rate: int | None = None) -> None:
+        """Start windowing a new stream (offsets from 0 again); queries and detector state are kept."""
+        self.sample_rate = int(sample_rate or self.sample_rate)
+        self.windower = self._windower(self.sample_rate)
+
+    def push(self, samples: np.ndarray) -> list[Tick]:
+        """Source samples (mono float32 at ``sample_rate``) -> the ticks they complete."""
+        return list(self.windower.push(np.asarray(samples, np.float32)))
+
+    def flush(self) -> list[Tick]:
+        """End of stream: the remaining ticks, the tail zero-padded into last windows."""
+        return list(self.windower.flush())
+
+    # ------------------------------------------------------------------ inference
+
+    def gate_ticks(self, ticks: Sequence[Tick]) -> list[int]:
+        """Indices of the ticks loud enough to encode (the gate listens to the longest window)."""
+        t0 = time.thread_time()
+        keep = [i for i, t in enumerate(ticks) if self.gate.open(t.windows[self.primary])]
+        self.gated += len(ticks) - len(keep)
+        self.stage_s["gate"] += time.thread_time() - t0
+        return keep
+
+    def encode(self, ticks: Sequence[Tick], keep: Sequence[int]) -> dict[str, np.ndarray]:
+        """Front end + encoder of every expert on ``ticks[keep]``: {expert: [len(keep), dim] float32}.
+
+        Raises EncoderError when an encoder run fails.
+        """
+        vectors: dict[str, np.ndarray] = {}
+        if not keep:
+            return vectors
+        for ex in self.experts:
+            x = np.stack([ticks[i].windows[ex.name] for i in keep])
+            t1 = time.thread_time()
+            feats = ex.features(x)
+            t2 = time.thread_time()
+            vectors[ex.name] = ex.finish(ex.encode(feats)[0])
+            self.stage_s["frontend"] += t2 - t1
+            self.stage_s["encoder"] += time.thread_time() - t2
+        return vectors
+
+    def embed(self, ticks: Sequence[Tick]) -> tuple[list[int], dict[str, np.ndarray]]:
+        """``gate_ticks`` then ``encode``: (indices kept, {expert: [kept, dim] float32})."""
+        keep = self.gate_ticks(ticks)
+        return keep, self.encode(ticks, keep)
+
+    def score(self, ticks: Sequence[Tick]) -> tuple[Snapshot, Rows]:
+        """Scores of every registered query per tick, against one snapshot of the queries.
+
+        A tick gated, not encoded (no query) or whose encoder run failed (logged at WARNING and
+        counted in ``failed``: an operational state, not a reason to stop) gets None.
+        """
+        snap = self.matcher.snapshot  # one reference read: a consistent set while queries change
+        rows: Rows = [None] * len(ticks)
+        if not snap.queries:
+            self.idle += len(ticks)
+            return snap, rows
+        keep = self.gate_ticks(ticks)
+        if not keep:
+            return snap, rows
+        try:
+            vectors = self.encode(ticks, keep)
+        except EncoderError as exc:
+            self.failed += len(keep)
+            log.warning("encoder failed on %d window(s): %s", len(keep), exc)
+            return snap, rows
+        t0 = time.thread_time()
+        scores = snap.score(vectors)
+        self.stage_s["matcher"] += time.thread_time() - t0
+        for j, i in enumerate(keep):
+            rows[i] = scores[j]
+        self.encoded += len(keep)
+        return snap, rows
+
+    def detect(self, snap: Snapshot, ticks: Sequence[Tick], rows: Rows) -> list[Transition]:
+        """The detector over scored ticks (in stream order)."""
+        t0 = time.thread_time()
+        out = run_detector(self.detector, snap.queries, ((t.start_s, t.end_s) for t in ticks), rows)
+        self.windows += len(ticks)
+        self.stage_s["detector"] += time.thread_time() - t0
+        return out
+
+    def step(self, ticks: Sequence[Tick]) -> list[Transition]:
+        """One inference step over a batch of ticks: score, then detect."""
+        if not ticks:
+            return []
+        snap, rows = self.score(ticks)
+        return self.detect(snap, ticks, rows)
+
+    def feed(self, samples: np.ndarray) -> list[Transition]:
+        """Samples in, transitions out: every tick completed, in batches of at most ``max_batch``."""
+        return self._steps(self.push(samples))
+
+    def close(self) -> list[Transition]:
+        """End of stream: score the padded tail, then close every open event."""
+        return self._steps(self.flush()) + self.end_events()
+
+    def end_events(self) -> list[Transition]:
+        """Close every open event (final updates), e.g. when the source has ended."""
+        return list(self.detector.flush())
+
+    def _steps(self, ticks: list[Tick]) -> list[Transition]:
+        out: list[Transition] = []
+        for i in range(0, len(ticks), self.max_batch):
+            out.extend(self.step(ticks[i : i + self.max_batch]))
+        return out
