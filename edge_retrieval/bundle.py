@@ -1,4 +1,4 @@
-"""Model bundle: a directory with ``manifest.json`` and the files it names (contract, ARCHITECTURE.md).
+"""Model bundle: a directory with ``manifest.json`` and the files it names (docs/architecture.md).
 
 The manifest has a ``device`` part (audio experts: front end, rate, window, ONNX file, output
 kind) and a ``server`` part (text side). Every file carries its sha256, checked before loading.

@@ -1,4 +1,4 @@
-"""The device config: one TOML file, optionally on top of a shipped profile (INTERFACES.md).
+"""The device config: one TOML file, optionally on top of a shipped profile (docs/architecture.md).
 
 A field team drops one file on a card; ``load_config`` reads it, overlays it on the profile it
 names (``profile = "raspberry-pi-4"`` -> firmware_config/profiles/raspberry-pi-4.toml, a deep merge

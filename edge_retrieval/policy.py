@@ -1,4 +1,4 @@
-"""Detection policy: when a stream of scores becomes an event (contract, ARCHITECTURE.md).
+"""Detection policy: when a stream of scores becomes an event (docs/architecture.md).
 
 Precedence: the query's own policy (from the alert) > the device config's defaults > built-in
 defaults; CLI flags override the config in local runs only. ``resolve`` merges field by field:

@@ -1,4 +1,4 @@
-"""Wire contracts between server and devices (ARCHITECTURE.md): query message, event, topics.
+"""Wire contracts between server and devices (docs/architecture.md): query message, event, topics.
 
 Schema 1. Vectors travel as base64 little-endian f16/f32, or sparse (indices + weights) for a
 labels space. Query messages and tombstones are signed with Ed25519 over the canonical JSON of

@@ -1,4 +1,4 @@
-"""Policy precedence: query > device config > built-in (ARCHITECTURE.md)."""
+"""Policy precedence: query > device config > built-in (docs/architecture.md)."""
 
 from __future__ import annotations
 

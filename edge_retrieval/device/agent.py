@@ -1,6 +1,6 @@
 """The device's link to the fleet: a Sink (events -> outbox -> MQTT QoS 1) and the query subscriber.
 
-``DeviceAgent(cfg, daemon)`` (INTERFACES.md) owns the broker link (transport), the on-disk
+``DeviceAgent(cfg, daemon)`` owns the broker link (transport), the on-disk
 outbox and the query store. On connect it publishes a retained "online" state (the broker
 publishes the retained "offline" last will if the link dies), subscribes to its own query
 topic and its groups' topics, re-sends unacknowledged events and then publishes a retained

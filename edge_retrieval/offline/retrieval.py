@@ -1,10 +1,10 @@
-"""Offline retrieval shared by archive search and evaluation: files -> window vectors -> scores -> metrics.
+"""Offline retrieval shared by archive search and evaluation: files -> window vectors -> clip scores.
 
-A file is decoded by ``device.sources.FileSource`` and embedded by ``pipeline.Pipeline`` exactly
-as the daemon does (without the gate): windows start every ``hop_s`` of the bundle, each expert takes its own window length at its
-own rate, and an uncovered tail gets one zero-padded window. A clip's score for a query is the max over its
-windows (ARCHITECTURE.md, "Scores"). Metrics follow Oncescu et al. 2021: Recall@K, median rank
-of the first relevant item, and mAP@10.
+A file is decoded by ``device.sources.FileSource`` and embedded through ``pipeline.Pipeline`` as
+the daemon does (without the gate): windows start every ``hop_s`` of the bundle, each expert
+takes its own window length at its own rate, and an uncovered tail gets one zero-padded window.
+A clip's score for a query is the max over its windows (docs/architecture.md, "Scores").
+Metrics follow Oncescu et al. 2021: Recall@K, median rank of the first relevant item, mAP@10.
 """
 
 from __future__ import annotations
