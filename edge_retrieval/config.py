@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "firmware_config" / "profiles"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # safe inside an MQTT topic level
 NAME_FORM = "1-64 characters A-Z a-z 0-9 _ . -, starting with a letter or digit"
+GATE_DBFS_MIN = -160.0  # quietest energy gate (dBFS) a config file or `run --gate-dbfs` may set
 SECRET_WORDS = ("password", "passwd", "secret", "token", "psk", "private")
 BITS32_MACHINES = {"armv6l", "armv7l", "armv8l", "arm", "i386", "i486", "i586", "i686", "x86"}
 
@@ -240,7 +241,7 @@ class GateSection(_Section):
     """Energy gate: quiet windows are counted and skipped instead of encoded."""
 
     enabled: bool = True
-    energy_dbfs: float = Field(default=-70.0, ge=-160.0, le=0.0)
+    energy_dbfs: float = Field(default=-70.0, ge=GATE_DBFS_MIN, le=0.0)
 
 
 class DetectionSection(_Section):

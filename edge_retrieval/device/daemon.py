@@ -25,8 +25,12 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
 
+from pydantic import ValidationError
+
 from ..bundle import Bundle, load_bundle
-from ..errors import SourceError
+from ..config import DeviceConfig
+from ..defaults import default_policy, merge_overlays
+from ..errors import ConfigError, SourceError
 from ..pipeline.core import Pipeline
 from ..pipeline.detector import Detector, Transition
 from ..pipeline.expert import AudioExpert
@@ -383,27 +387,43 @@ class Daemon:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_config(cls, cfg: Any, sinks: Iterable[Sink] = (), bundle: Bundle | None = None) -> Daemon:
-        """Build the daemon a ``DeviceConfig`` describes (local queries are applied by the caller)."""
+    def from_config(
+        cls,
+        cfg: DeviceConfig,
+        sinks: Iterable[Sink] = (),
+        bundle: Bundle | None = None,
+        clock: Callable[[], str] | None = None,
+        source: Source | None = None,
+    ) -> Daemon:
+        """The daemon a ``DeviceConfig`` describes: the one constructor of ``run``, the service and tests.
+
+        ``run`` turns its flags into overrides of the config before it gets here. The detection
+        policy is the config's ``[detection]`` over the bundle's tuned defaults (docs/architecture.md,
+        policy precedence). Local queries are applied by the caller.
+        """
         if bundle is None:
             bundle = load_bundle(cfg.model.bundle, part="device")
-        src = source_from_config(cfg)
+        try:
+            policy = merge_overlays(cfg.detection.policy, default_policy(bundle))
+        except ValidationError as exc:
+            raise ConfigError(f"detection.policy over the bundle's tuned policy: {exc.errors()[0]['msg']}") from exc
         clips = None
         if cfg.clips.enabled:
             cdir = cfg.clips.dir or (cfg.storage.dir / "clips")
             clips = ClipWriter(cdir, cfg.clips.max_mb, cfg.clips.pre_s, cfg.clips.post_s, cfg.clips.max_clip_s)
         return cls(
             bundle,
-            src,
+            source if source is not None else source_from_config(cfg),
             device_id=cfg.device.id,
             threads=cfg.model.threads,
             providers=list(cfg.model.providers),
             overlap=cfg.windows.overlap,
             gate_dbfs=cfg.gate.energy_dbfs if cfg.gate.enabled else None,
-            policy=cfg.detection.policy,
+            policy=policy,
             sinks=sinks,
             max_batch=cfg.windows.max_batch,
             max_queue_s=cfg.windows.max_queue_s,
+            clock=clock,
             site=cfg.device.site,
             lat=cfg.device.lat,
             lon=cfg.device.lon,
@@ -411,7 +431,8 @@ class Daemon:
         )
 
 
-def source_from_config(cfg: Any) -> Source:
+def source_from_config(cfg: DeviceConfig) -> Source:
+    """The source ``[audio]`` describes."""
     a = cfg.audio
     if a.source == "file":
         if a.path is None:

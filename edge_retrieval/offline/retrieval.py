@@ -20,6 +20,7 @@ from ..device.sources import FileSource
 from ..errors import EncoderError, QueryRejected
 from ..pipeline.core import Pipeline
 from ..pipeline.expert import AudioExpert
+from ..pipeline.matcher import compile_query
 from ..pipeline.windows import Tick
 from ..protocol import QueryMessage, VectorPayload, encode_sparse
 
@@ -110,18 +111,20 @@ class QueryVectors:
 
 
 def query_from_message(msg: QueryMessage, manifest: Manifest) -> QueryVectors:
-    """Decode a query message against a bundle; a space id or expert mismatch is refused."""
-    if msg.space_id != manifest.space.id:
-        raise QueryRejected(
-            f"query space id {msg.space_id[:12]}... differs from bundle {manifest.name!r} space id "
-            f"{manifest.space.id[:12]}...: the query was built for another model"
-        )
+    """Decode a query message for offline scoring, checked by the device's own rules
+    (``matcher.compile_query``: space id, experts, encodings, dimensions, threshold range)."""
+    q = compile_query(msg, manifest)
+    names = tuple(q.weights)
     vecs = []
-    for p in msg.vectors:
-        if p.expert not in manifest.expert_names:
-            raise QueryRejected(f"query names expert {p.expert!r}; bundle has {manifest.expert_names}")
-        vecs.append(p.dense(manifest.expert(p.expert).dim))
-    return QueryVectors(msg.text, msg.space_id, tuple(p.expert for p in msg.vectors), tuple(msg.weights), tuple(vecs))
+    for name in names:
+        if name in q.dense:
+            vecs.append(q.dense[name])
+        else:
+            idx, w = q.sparse[name]
+            v = np.zeros(manifest.expert(name).dim, np.float32)
+            v[idx] = w
+            vecs.append(v)
+    return QueryVectors(msg.text, msg.space_id, names, tuple(q.weights[n] for n in names), tuple(vecs))
 
 
 def text_queries(bundle: Bundle, texts: Sequence[str]) -> list[QueryVectors]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..config import GATE_DBFS_MIN
+
 SILENCE_DBFS = -200.0  # what digital zero reads as
 
 
@@ -21,8 +23,8 @@ class EnergyGate:
     """Open (encode) when the window's RMS is at or above ``threshold_dbfs``; None = always open."""
 
     def __init__(self, threshold_dbfs: float | None = -70.0) -> None:
-        if threshold_dbfs is not None and not -200.0 <= threshold_dbfs <= 0.0:
-            raise ValueError(f"gate threshold {threshold_dbfs!r} dBFS must be in [-200, 0]")
+        if threshold_dbfs is not None and not GATE_DBFS_MIN <= threshold_dbfs <= 0.0:
+            raise ValueError(f"gate threshold {threshold_dbfs!r} dBFS must be in [{GATE_DBFS_MIN:g}, 0] (config gate.energy_dbfs)")
         self.threshold_dbfs = threshold_dbfs
         self.passed = 0
         self.gated = 0  # windows whose encoder run was skipped

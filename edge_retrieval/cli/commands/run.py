@@ -21,11 +21,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from ...bundle import Bundle, load_bundle
-from ...defaults import default_policy, default_threshold, merge_overlays
-from ...device.clips import ClipWriter
+from ...config import DeviceConfig, load_config, problems_of, validate_config
+from ...defaults import default_threshold
 from ...device.daemon import Daemon, source_from_config
 from ...device.sinks import JsonLinesSink, Sink, TableSink
-from ...device.sources import FileSource, Source, open_source
 from ...errors import ConfigError, QueryRejected
 from ...policy import PolicyOverlay
 from ...protocol import QueryMessage
@@ -156,79 +155,124 @@ def local_queries(
 # --------------------------------------------------------------------------- main
 
 
-def _policy_from_args(args: argparse.Namespace) -> PolicyOverlay | None:
-    fields = {
-        "min_hits": args.min_hits,
-        "of_windows": args.of_windows,
-        "hysteresis": args.hysteresis,
-        "cooldown_s": args.cooldown,
-        "adapt": False if args.no_adapt else None,
-    }
-    fields = {k: v for k, v in fields.items() if v is not None}
-    if not fields:
-        return None
+# flag -> the config key it overrides: one wiring, flags are overrides of a DeviceConfig
+FLAG_KEYS: dict[str, str] = {
+    "--bundle": "model.bundle",
+    "--threads": "model.threads",
+    "--providers": "model.providers",
+    "--overlap": "windows.overlap",
+    "--max-batch": "windows.max_batch",
+    "--gate-dbfs": "gate",
+    "--device-id": "device.id",
+    "--source": "audio",
+    "--realtime": "audio.realtime",
+    "--mic-device": "audio.device",
+    "--stdin-rate": "audio.stdin_rate",
+    "--stdin-format": "audio.stdin_format",
+    "--clips-dir": "clips",
+    "--min-hits": "detection.policy.min_hits",
+    "--of-windows": "detection.policy.of_windows",
+    "--hysteresis": "detection.policy.hysteresis",
+    "--cooldown": "detection.policy.cooldown_s",
+    "--no-adapt": "detection.policy.adapt",
+}
+LOCAL_DEVICE_ID = "local"  # device id of a run without --config
+
+
+def _put(tree: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for k in parents:
+        tree = tree.setdefault(k, {})
+    tree[leaf] = value
+
+
+def _abs(path: Path) -> str:
+    """A flag's path is relative to the working directory (a config file's to its own folder)."""
+    return str(Path(path).expanduser().resolve())
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The command-line flags as overrides of the device config (keys in ``FLAG_KEYS``)."""
+    o: dict[str, Any] = {}
+    if args.bundle is not None:
+        _put(o, "model.bundle", _abs(args.bundle))
+    if args.threads is not None:
+        _put(o, "model.threads", args.threads)
+    if args.providers:
+        _put(o, "model.providers", [p.strip() for p in args.providers.split(",") if p.strip()])
+    if args.overlap is not None:
+        _put(o, "windows.overlap", args.overlap)
+    if args.max_batch is not None:
+        _put(o, "windows.max_batch", args.max_batch)
+    if args.gate_dbfs is not None:
+        if args.gate_dbfs.strip().lower() in ("off", "none", "no"):
+            _put(o, "gate.enabled", False)
+        else:
+            try:
+                level = float(args.gate_dbfs)
+            except ValueError as exc:
+                raise ConfigError(f"--gate-dbfs {args.gate_dbfs!r}: expected a level in dBFS such as -70, or 'off'") from exc
+            _put(o, "gate.enabled", True)
+            _put(o, "gate.energy_dbfs", level)
+    if args.device_id is not None:
+        _put(o, "device.id", args.device_id)
+    if args.source is not None:
+        if args.source == "mic":
+            _put(o, "audio.source", "mic")
+        elif args.source == "-":
+            _put(o, "audio.source", "stdin")
+        else:
+            _put(o, "audio.source", "file")
+            _put(o, "audio.path", _abs(Path(args.source)))
+        _put(o, "audio.realtime", bool(args.realtime))  # a file named here plays as fast as it can unless --realtime
+    elif args.realtime:
+        _put(o, "audio.realtime", True)
+    if args.mic_device is not None:
+        _put(o, "audio.device", int(args.mic_device) if args.mic_device.isdigit() else args.mic_device)
+    if args.stdin_rate is not None:
+        _put(o, "audio.stdin_rate", args.stdin_rate)
+    if args.stdin_format is not None:
+        _put(o, "audio.stdin_format", args.stdin_format)
+    if args.clips_dir is not None:
+        _put(o, "clips.enabled", True)
+        _put(o, "clips.dir", _abs(args.clips_dir))
+    for flag, value in (("min_hits", args.min_hits), ("of_windows", args.of_windows),
+                        ("hysteresis", args.hysteresis), ("cooldown_s", args.cooldown)):
+        if value is not None:
+            _put(o, f"detection.policy.{flag}", value)
+    if args.no_adapt:
+        _put(o, "detection.policy.adapt", False)
+    return o
+
+
+def device_config(args: argparse.Namespace) -> DeviceConfig:
+    """The config file (or an empty one) with the flags as overrides, validated once."""
+    overrides = config_overrides(args)
     try:
-        return PolicyOverlay.model_validate(fields)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(map(str, err["loc"])) or "policy"
-        raise ConfigError(f"policy flag {loc}: {err['msg']}") from exc
+        if args.config is not None:
+            return load_config(args.config, overrides=overrides)
+        return validate_config({"device": {"id": LOCAL_DEVICE_ID}}, source="command line",
+                               base_dir=Path.cwd(), overrides=overrides)
+    except ConfigError as exc:
+        problems = problems_of(exc)
+        named = [_flag_problem(p) for p in problems]
+        if all(named):  # every problem comes from a flag: say which, on one line
+            raise ConfigError("; ".join(n for n in named if n)) from None
+        raise
 
 
-def _gate(value: str | None, default: float | None) -> float | None:
-    if value is None:
-        return default
-    if value.strip().lower() in ("off", "none", "no"):
-        return None
-    try:
-        v = float(value)
-    except ValueError as exc:
-        raise ConfigError(f"--gate-dbfs {value!r}: expected a level in dBFS such as -70, or 'off'") from exc
-    if not -200.0 <= v <= 0.0:
-        raise ConfigError(f"--gate-dbfs {v!r}: expected a level in [-200, 0] dBFS, or 'off'")
-    return v
-
-
-def _make_source(args: argparse.Namespace, cfg: Any) -> Source:
-    if args.source is None and cfg is not None:
-        if args.realtime is not None and cfg.audio.source == "file":
-            return FileSource(cfg.audio.path, realtime=True)
-        return source_from_config(cfg)
-    spec = args.source or "mic"
-    audio = cfg.audio if cfg is not None else None
-    device: Any = args.mic_device if args.mic_device is not None else (audio.device if audio else None)
-    if isinstance(device, str) and device.isdigit():
-        device = int(device)
-    return open_source(
-        spec,
-        realtime=bool(args.realtime) if args.realtime is not None else False,
-        device=device,
-        stdin_rate=args.stdin_rate or (audio.stdin_rate if audio else 48000),
-        stdin_format=args.stdin_format or (audio.stdin_format if audio else "s16le"),
-        capture_rate=audio.capture_rate if audio else None,
-        channels=audio.channels if (audio and spec == "-") else 1,
-        block_s=audio.block_s if audio else 0.1,
-    )
-
-
-def _check_range(name: str, value: float | None, lo: float, hi: float) -> None:
-    if value is not None and not lo <= value <= hi:
-        raise ConfigError(f"{name} {value!r} is out of range (expected {lo:g}..{hi:g})")
+def _flag_problem(problem: str) -> str | None:
+    """``key.path: message`` -> ``--flag: key.path: message`` when a flag set that key."""
+    key = problem.split(": ", 1)[0]
+    flags = [f for f, k in FLAG_KEYS.items() if key == k or key.startswith(k + ".") or k.startswith(key + ".")]
+    return f"{'/'.join(flags)}: {problem}" if flags else None
 
 
 def main(args: argparse.Namespace) -> int:
     err = sys.stderr
-    cfg = None
-    if args.config is not None:
-        from ...config import load_config
-
-        cfg = load_config(args.config)
-    bundle_path = args.bundle or (cfg.model.bundle if cfg else None)
-    if bundle_path is None:
+    if args.bundle is None and args.config is None:
         raise ConfigError("no bundle: pass --bundle DIR (a model bundle directory) or --config FILE")
-    _check_range("--overlap", args.overlap, 0.0, 0.95)
-    _check_range("--threads", args.threads, 1, 64)
-    _check_range("--max-batch", args.max_batch, 1, 256)
+    cfg = device_config(args)
 
     specs: list[dict[str, Any]] = []
     if args.threshold and args.query and len(args.threshold) not in (1, len(args.query)):
@@ -243,22 +287,16 @@ def main(args: argparse.Namespace) -> int:
         specs.append({"text": text, "threshold": thr})
     if args.queries_file is not None:
         specs += read_queries_file(args.queries_file)
-    if cfg is not None and not specs:
+    if args.config is not None and not specs:
         specs += [
             {"text": q.text, "threshold": q.threshold, "id": q.id, "policy": q.policy} for q in cfg.queries
         ]
-    mqtt = cfg is not None and cfg.mqtt is not None
+    mqtt = cfg.mqtt is not None
     if not specs and not args.query_audio and not mqtt:
         raise ConfigError("no queries: pass --query TEXT, --queries-file FILE or --query-audio FILE")
 
-    bundle = load_bundle(bundle_path, part="all" if specs else "device")
-    source = _make_source(args, cfg)
-    cli_policy = _policy_from_args(args)
-    try:
-        policy = merge_overlays(cli_policy, cfg.detection.policy if cfg else None, default_policy(bundle))
-    except ValidationError as exc:
-        raise ConfigError(f"detection policy after CLI flags: {exc.errors()[0]['msg']}") from exc
-    cfg_thr = cfg.detection.threshold if cfg else None
+    bundle = load_bundle(cfg.model.bundle, part="all" if specs else "device")
+    cfg_thr = cfg.detection.threshold
     msgs = local_queries(bundle, specs, cfg_thr, warn=lambda line: print(line, file=err)) if specs else []
     if args.query_audio:
         from ...offline.query_audio import query_from_audio
@@ -268,13 +306,7 @@ def main(args: argparse.Namespace) -> int:
             thr = args.threshold[0] if (args.threshold and not args.query) else default_threshold(bundle, "", cfg_thr)
             msgs.append(query_from_audio(bundle, path, _slug(f"like-{path.stem}", taken), thr))
 
-    clips = None
-    if args.clips_dir is not None:
-        clips = ClipWriter(args.clips_dir)
-    elif cfg is not None and cfg.clips.enabled:
-        c = cfg.clips
-        clips = ClipWriter(c.dir or cfg.storage.dir / "clips", c.max_mb, c.pre_s, c.post_s, c.max_clip_s)
-
+    source = source_from_config(cfg)
     sinks: list[Sink] = []
     if args.json or args.json_updates:
         sinks.append(JsonLinesSink(updates=args.json_updates))
@@ -282,7 +314,7 @@ def main(args: argparse.Namespace) -> int:
         sinks.append(TableSink(onsets=source.live))
 
     clock = None
-    if cfg is not None:
+    if args.config is not None:
         from ...config import clock_status
 
         clock = _cached(clock_status, 60.0)
@@ -291,24 +323,7 @@ def main(args: argparse.Namespace) -> int:
                 "the system clock is not synchronised (device.require_clock_sync): events carry "
                 "clock=%r until NTP syncs; their times are corrected from then on", clock()
             )
-    daemon = Daemon(
-        bundle,
-        source,
-        device_id=args.device_id or (cfg.device.id if cfg else "local"),
-        threads=args.threads or (cfg.model.threads if cfg else 1),
-        providers=args.providers.split(",") if args.providers else (list(cfg.model.providers) if cfg else None),
-        overlap=args.overlap if args.overlap is not None else (cfg.windows.overlap if cfg else 0.0),
-        gate_dbfs=_gate(args.gate_dbfs, (cfg.gate.energy_dbfs if cfg.gate.enabled else None) if cfg else -70.0),
-        policy=policy,
-        sinks=sinks,
-        max_batch=args.max_batch or (cfg.windows.max_batch if cfg else 8),
-        max_queue_s=cfg.windows.max_queue_s if cfg else 30.0,
-        clock=clock,
-        site=cfg.device.site if cfg else None,
-        lat=cfg.device.lat if cfg else None,
-        lon=cfg.device.lon if cfg else None,
-        clips=clips,
-    )
+    daemon = Daemon.from_config(cfg, sinks, bundle=bundle, clock=clock, source=source)
     for m in msgs:
         daemon.apply_query(m)
 
@@ -394,4 +409,5 @@ def _install_signals(daemon: Daemon) -> dict[int, Any]:
     return old
 
 
-__all__ = ["add_arguments", "local_queries", "main", "read_queries_file", "summary_line"]
+__all__ = ["add_arguments", "config_overrides", "device_config", "local_queries", "main", "read_queries_file",
+           "summary_line"]
