@@ -40,6 +40,7 @@ from pydantic import (
 
 from .errors import ConfigError
 from .policy import PolicyOverlay
+from .protocol import NAME_FORM, NAME_RE
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,8 +50,6 @@ else:  # JetPack 6 ships Python 3.10
 log = logging.getLogger(__name__)
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "firmware_config" / "profiles"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # safe inside an MQTT topic level
-NAME_FORM = "1-64 characters A-Z a-z 0-9 _ . -, starting with a letter or digit"
 GATE_DBFS_MIN = -160.0  # quietest energy gate (dBFS) a config file or `run --gate-dbfs` may set
 SECRET_WORDS = ("password", "passwd", "secret", "token", "psk", "private")
 BITS32_MACHINES = {"armv6l", "armv7l", "armv8l", "arm", "i386", "i486", "i586", "i686", "x86"}

@@ -11,7 +11,9 @@ import base64
 import binascii
 import json
 import math
+import re
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -56,7 +58,41 @@ def clip_topic(device: str, event_id: str = "+") -> str:
     return f"{TOPIC_ROOT}/devices/{device}/clips/{event_id}"
 
 
-_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# device ids, group names, query ids, event ids: each is one MQTT topic level, so it must be safe there
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+NAME_RE = re.compile(NAME_PATTERN)
+NAME_FORM = "1-64 characters A-Z a-z 0-9 _ . -, starting with a letter or digit"
+
+
+@dataclass(frozen=True)
+class Topic:
+    """A topic of this protocol, taken apart: what it carries and for whom."""
+
+    kind: Literal["query", "detections", "status", "clip"]
+    scope: Literal["groups", "devices"]
+    target: str  # the group name or device id
+    item: str | None = None  # the query id (query) or event id (clip)
+
+
+def parse_topic(topic: str) -> Topic | None:
+    """The inverse of the ``*_topic`` builders above; None for any other topic (or an empty level)."""
+    root = TOPIC_ROOT.split("/")
+    parts = topic.split("/")
+    if parts[: len(root)] != root:
+        return None
+    rest = parts[len(root) :]
+    if len(rest) < 3 or rest[0] not in ("groups", "devices") or not all(rest):
+        return None
+    scope, target = rest[0], rest[1]
+    if len(rest) == 4 and rest[2] == "queries":
+        return Topic("query", scope, target, rest[3])  # type: ignore[arg-type]
+    if scope != "devices":
+        return None
+    if len(rest) == 3 and rest[2] in ("detections", "status"):
+        return Topic(rest[2], "devices", target)  # type: ignore[arg-type]
+    if len(rest) == 4 and rest[2] == "clips":
+        return Topic("clip", "devices", target, rest[3])
+    return None
 
 
 # --------------------------------------------------------------------------- vectors
@@ -146,7 +182,7 @@ class QueryMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_: int = Field(alias="schema")
-    query_id: str = Field(pattern=_NAME_RE)
+    query_id: str = Field(pattern=NAME_PATTERN)
     version: int = Field(ge=1)
     deleted: bool = False
     text: str = Field(default="", max_length=500)

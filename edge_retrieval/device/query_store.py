@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import QueryRejected, StoreError
-from ..protocol import TOPIC_ROOT, QueryMessage, Status, parse_query_message, verify_signature
+from ..protocol import QueryMessage, Status, parse_query_message, parse_topic, verify_signature
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,8 @@ def load_public_key(path: str | Path) -> Any:
 
 def query_id_from_topic(topic: str) -> str | None:
     """``<root>/groups/<g>/queries/<id>`` or ``<root>/devices/<d>/queries/<id>`` -> ``<id>``."""
-    parts = topic.split("/")
-    root = TOPIC_ROOT.split("/")
-    n = len(root)
-    if parts[:n] != root or len(parts) != n + 4 or parts[n] not in ("groups", "devices") or parts[n + 2] != "queries":
-        return None
-    return parts[n + 3] or None
+    t = parse_topic(topic)
+    return t.item if t is not None and t.kind == "query" else None
 
 
 class QueryStore:

@@ -16,6 +16,8 @@ from typing import Any
 from ..errors import ConfigError, TransportError
 from ..policy import PolicyOverlay
 from ..protocol import (
+    NAME_FORM,
+    NAME_RE,
     QueryMessage,
     device_query_topic,
     group_query_topic,
@@ -68,7 +70,6 @@ def next_version(held: int | None) -> int:
     return max(int(time.time() * 1000), (held or 0) + 1)
 
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class AlertManager:
@@ -95,8 +96,8 @@ class AlertManager:
             raise ConfigError("give exactly one target: --group NAME or --device ID")
         kind, name = ("group", group) if group is not None else ("device", device)
         assert name is not None
-        if not _NAME.match(name):
-            raise ConfigError(f"{kind} {name!r} is not a valid name (expected 1-64 of A-Z a-z 0-9 _ . -)")
+        if not NAME_RE.match(name):
+            raise ConfigError(f"{kind} {name!r} is not a valid name (expected {NAME_FORM})")
         return kind, name
 
     def add(self, text: str, threshold: float, *, group: str | None = None, device: str | None = None,
@@ -107,8 +108,8 @@ class AlertManager:
             raise ConfigError("alerts add needs the full bundle (--bundle DIR with its server part)")
         kind, target = self.target(group, device)
         qid = alert_id or new_alert_id(text)
-        if not _NAME.match(qid):
-            raise ConfigError(f"alert id {qid!r} is not valid (expected 1-64 of A-Z a-z 0-9 _ . -)")
+        if not NAME_RE.match(qid):
+            raise ConfigError(f"alert id {qid!r} is not valid (expected {NAME_FORM})")
         held = self.store.alert(qid)
         msg, res = self.builder.build(text, qid, threshold, version=next_version(held["version"] if held else None),
                                       policy=policy, expires=expires)

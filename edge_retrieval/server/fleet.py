@@ -7,19 +7,19 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 
 from ..errors import EdgeRetrievalError, QueryRejected
 from ..protocol import (
     MAX_CLIP_BYTES,
-    TOPIC_ROOT,
+    NAME_RE,
     clip_topic,
     detections_topic,
     device_query_topic,
     group_query_topic,
     parse_event,
     parse_status,
+    parse_topic,
     status_topic,
 )
 from ..transport import MqttTransport
@@ -37,7 +37,6 @@ SERVER_CLIENT_ID = "edge-retrieval-server"
 
 # --------------------------------------------------------------------------- server
 
-_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class FleetServer:
@@ -86,11 +85,8 @@ class FleetServer:
 
     @staticmethod
     def _device_of(topic: str) -> str | None:
-        parts = topic.split("/")
-        root = TOPIC_ROOT.split("/")
-        if parts[: len(root)] != root or len(parts) < len(root) + 3 or parts[len(root)] != "devices":
-            return None
-        return parts[len(root) + 1]
+        t = parse_topic(topic)
+        return t.target if t is not None and t.scope == "devices" else None
 
     def _on_detection(self, topic: str, payload: bytes, retained: bool) -> None:
         dev = self._device_of(topic)
@@ -149,11 +145,11 @@ class FleetServer:
     def _on_clip(self, topic: str, payload: bytes, retained: bool) -> None:
         """Store a FLAC clip as ``<clips_dir>/<device>/<event_id>.flac`` (written atomically)."""
 
-        parts = topic.split("/")
-        dev, eid = (parts[-3], parts[-1]) if len(parts) >= 3 else ("", "")
+        t = parse_topic(topic)
+        dev, eid = (t.target, t.item or "") if t is not None and t.kind == "clip" else ("", "")
         if not payload:
             return
-        if not (_SAFE.match(dev) and _SAFE.match(eid)) or len(payload) > MAX_CLIP_BYTES or payload[:4] != b"fLaC":
+        if not (NAME_RE.match(dev) and NAME_RE.match(eid)) or len(payload) > MAX_CLIP_BYTES or payload[:4] != b"fLaC":
             self.counts["bad_clips"] += 1
             log.warning("bad clip on %s (%d bytes; expected FLAC up to %d bytes)", topic, len(payload), MAX_CLIP_BYTES)
             return

@@ -10,9 +10,9 @@ from typing import Any
 
 from ..errors import ConfigError, QueryRejected
 from ..protocol import (
-    TOPIC_ROOT,
     Event,
     parse_query_message,
+    parse_topic,
     status_topic,
 )
 from ..transport import MqttTransport
@@ -130,12 +130,11 @@ class HaDiscovery:
 
     def on_query(self, topic: str, payload: bytes, retained: bool) -> None:
         """A retained query appeared, changed or was removed (tombstone or cleared topic)."""
-        parts = topic.split("/")
-        root = TOPIC_ROOT.split("/")
-        if len(parts) != len(root) + 4 or parts[len(root)] not in ("groups", "devices"):
+        t = parse_topic(topic)
+        if t is None or t.kind != "query" or t.item is None:
             return
-        kind = "group" if parts[len(root)] == "groups" else "device"
-        target, qid = parts[len(root) + 1], parts[len(root) + 3]
+        kind = "group" if t.scope == "groups" else "device"
+        target, qid = t.target, t.item
         msg = None
         if payload:
             try:
