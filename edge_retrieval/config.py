@@ -24,7 +24,6 @@ import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -40,7 +39,7 @@ from pydantic import (
 
 from .errors import ConfigError
 from .policy import PolicyOverlay
-from .protocol import NAME_FORM, NAME_RE
+from .protocol import NAME_FORM, NAME_RE, BrokerAddress, parse_broker_url
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -326,22 +325,15 @@ class MqttSection(_Section):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        form = "mqtt://host[:port] or mqtts://host[:port]"
         try:
-            u = urlsplit(v)
-            port = u.port
-        except ValueError as exc:
-            raise ValueError(f"not a broker URL (expected {form})") from exc
-        if u.username is not None or u.password is not None:
-            # never echo the value: it holds a secret
-            raise ValueError(
-                f"credentials in the URL are not allowed (expected {form}; put them in mqtt.credentials_file)"
-            )
-        if u.scheme not in ("mqtt", "mqtts") or not u.hostname or u.path not in ("", "/") or u.query:
-            raise ValueError(f"{v[:120]!r} is not a broker URL (expected {form})")
-        if port == 0:
-            raise ValueError(f"{v[:120]!r} has port 0 (expected a port 1-65535)")
+            parse_broker_url(v)  # the one parser; a URL with credentials is refused without echoing it
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         return v
+
+    @property
+    def address(self) -> BrokerAddress:
+        return parse_broker_url(self.url)
 
     @field_validator("credentials_file")
     @classmethod
@@ -372,17 +364,16 @@ class MqttSection(_Section):
 
     @property
     def host(self) -> str:
-        return urlsplit(self.url).hostname or ""
+        return self.address.host
 
     @property
     def port(self) -> int:
-        u = urlsplit(self.url)
-        return u.port or (8883 if u.scheme == "mqtts" else 1883)
+        return self.address.port
 
     @property
     def use_tls(self) -> bool:
         """TLS is on for mqtts:// only; ``tls`` files with mqtt:// are ignored (config check warns)."""
-        return urlsplit(self.url).scheme == "mqtts"
+        return self.address.tls
 
     def credentials(self) -> tuple[str, str] | None:
         """Read the credentials file now (never cached on the model, never logged)."""
@@ -665,7 +656,9 @@ def format_errors(exc: ValidationError) -> list[str]:
             if isinstance(s, int) or not str(s).startswith(("function-", "lax-", "strict-"))
         )
         # drop union branch tags such as 'str' / 'int' that pydantic inserts
-        loc = tuple(s for s in loc if s not in ("str", "int", "float", "bool", "list[str]", "none"))
+        tags = ("str", "int", "float", "bool", "list[str]", "none")
+        unknown = err["type"] == "extra_forbidden"  # the last step is the unknown key itself, even a key named "none"
+        loc = tuple(s for i, s in enumerate(loc) if s not in tags or (unknown and i == len(loc) - 1))
         key = _key_path(loc)
         typ = err["type"]
         ctx = err.get("ctx") or {}

@@ -10,27 +10,49 @@ space kind. The tuned policy sits just above the built-in policy (below config a
 from __future__ import annotations
 
 import json
+import logging
 from functools import lru_cache
 from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any
 
 from .bundle import Bundle
+from .errors import ConfigError
 from .policy import PolicyOverlay
 
+log = logging.getLogger(__name__)
+
+TUNED_FILE = "data/default_policy.json"
 BUILTIN_THRESHOLD = {"labels": 0.3, "joint": 0.3, "ensemble": 0.3}
 
 
 @lru_cache(maxsize=1)
 def tuned_table() -> dict[str, Any]:
+    """The ``spaces`` table of the shipped ``data/default_policy.json`` (read once)."""
+    return read_tuned(resources.files("edge_retrieval").joinpath(TUNED_FILE))
+
+
+def read_tuned(res: Traversable) -> dict[str, Any]:
+    """The ``spaces`` table of a tuned-defaults file (space id -> thresholds and policy).
+
+    Missing (an install without package data): a WARNING and no tuned values. Unreadable or
+    malformed: a ConfigError naming the file, not a silent fall back to the built-in values.
+    """
     try:
-        text = resources.files("edge_retrieval").joinpath("data/default_policy.json").read_text("utf-8")
-    except (FileNotFoundError, OSError):
+        text = res.read_text("utf-8")
+    except FileNotFoundError:
+        log.warning("%s is missing: thresholds and policies fall back to the built-in values", res)
         return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"tuned defaults {str(res)!r} cannot be read ({exc})") from exc
     try:
         data = json.loads(text)
-    except ValueError:
-        return {}
-    return data.get("spaces", {}) if isinstance(data, dict) else {}
+    except ValueError as exc:
+        raise ConfigError(f"tuned defaults {str(res)!r} are not valid JSON ({exc})") from exc
+    spaces = data.get("spaces") if isinstance(data, dict) else None
+    if not isinstance(spaces, dict) or not all(isinstance(v, dict) for v in spaces.values()):
+        raise ConfigError(f"tuned defaults {str(res)!r}: expected an object with a 'spaces' object of objects")
+    return spaces
 
 
 def tuned_for(bundle: Bundle) -> dict[str, Any]:

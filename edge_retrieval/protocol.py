@@ -16,11 +16,12 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import QueryRejected
+from .errors import ConfigError, QueryRejected
 from .policy import PolicyOverlay
 
 SCHEMA = 1
@@ -93,6 +94,42 @@ def parse_topic(topic: str) -> Topic | None:
     if len(rest) == 4 and rest[2] == "clips":
         return Topic("clip", "devices", target, rest[3])
     return None
+
+
+# --------------------------------------------------------------------------- broker address
+
+URL_FORM = "mqtt://host[:port] or mqtts://host[:port]"
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """A parsed broker URL."""
+
+    host: str
+    port: int
+    tls: bool
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """``mqtt://host[:port]`` (1883) or ``mqtts://host[:port]`` (8883); credentials never in the URL."""
+    try:
+        u = urlsplit(str(url))
+        port = u.port
+    except ValueError as exc:
+        raise ConfigError(f"broker URL {str(url)[:120]!r} is not valid (expected {URL_FORM})") from exc
+    if u.username is not None or u.password is not None:
+        raise ConfigError(f"credentials in the broker URL are not allowed (expected {URL_FORM}; use a credentials file)")
+    if u.scheme not in ("mqtt", "mqtts") or not u.hostname or u.path not in ("", "/") or u.query:
+        raise ConfigError(f"broker URL {str(url)[:120]!r} is not valid (expected {URL_FORM})")
+    if port == 0:
+        raise ConfigError(f"broker URL {str(url)[:120]!r} has port 0 (expected a port 1-65535)")
+    tls = u.scheme == "mqtts"
+    return BrokerAddress(u.hostname, port or (8883 if tls else 1883), tls)
+
 
 
 # --------------------------------------------------------------------------- vectors

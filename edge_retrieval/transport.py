@@ -16,46 +16,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from .errors import ConfigError, TransportError
+from .protocol import parse_broker_url
+
+if TYPE_CHECKING:
+    from .config import MqttSection
 
 log = logging.getLogger(__name__)
 
-URL_FORM = "mqtt://host[:port] or mqtts://host[:port]"
 MessageHandler = Callable[[str, bytes, bool], None]  # topic, payload, retained
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    """A parsed broker URL."""
-
-    host: str
-    port: int
-    tls: bool
-
-    @property
-    def url(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-
-def parse_broker_url(url: str) -> BrokerAddress:
-    """``mqtt://host[:port]`` (1883) or ``mqtts://host[:port]`` (8883); credentials never in the URL."""
-    try:
-        u = urlsplit(str(url))
-        port = u.port
-    except ValueError as exc:
-        raise ConfigError(f"broker URL {str(url)[:120]!r} is not valid (expected {URL_FORM})") from exc
-    if u.username is not None or u.password is not None:
-        raise ConfigError(f"credentials in the broker URL are not allowed (expected {URL_FORM}; use a credentials file)")
-    if u.scheme not in ("mqtt", "mqtts") or not u.hostname or u.path not in ("", "/") or u.query:
-        raise ConfigError(f"broker URL {str(url)[:120]!r} is not valid (expected {URL_FORM})")
-    tls = u.scheme == "mqtts"
-    return BrokerAddress(u.hostname, port or (8883 if tls else 1883), tls)
 
 
 def read_credentials_file(path: str | Path) -> tuple[str, str]:
@@ -164,8 +138,8 @@ class MqttTransport:
         self._keepalive = int(keepalive_s)
 
     @classmethod
-    def from_config(cls, mq: Any, client_id: str, **kw: Any) -> MqttTransport:
-        """Build from a ``DeviceConfig.mqtt`` section (edge_retrieval.config.MqttSection)."""
+    def from_config(cls, mq: MqttSection, client_id: str, **kw: Any) -> MqttTransport:
+        """Build from a ``DeviceConfig.mqtt`` section."""
         tls = TlsFiles(mq.tls.ca, mq.tls.cert, mq.tls.key) if mq.tls is not None else None
         creds = read_credentials_file(mq.credentials_file) if mq.credentials_file else None
         return cls(mq.url, mq.client_id or client_id, tls=tls, credentials=creds, keepalive_s=mq.keepalive_s, **kw)

@@ -89,3 +89,23 @@ def test_a_flag_has_the_config_limits(tiny_bundle, value: str) -> None:
         device_config(_args("--bundle", str(tiny_bundle.root), f"--gate-dbfs={value}"))
     msg = str(exc.value)
     assert "\n" not in msg and msg.startswith("--gate-dbfs: gate.energy_dbfs:") and value in msg
+
+
+@pytest.mark.parametrize("level", ["INFO", "ERROR"])
+def test_config_log_level_reaches_the_root_logger(tiny_bundle, tmp_path: Path, capsys, level: str) -> None:
+    import logging
+
+    from edge_retrieval.cli import main
+
+    scene = write_scene(tmp_path / "scene.wav", [("noise", 2), ("1000", 2)], 32000)
+    toml = tmp_path / "device.toml"
+    toml.write_text(f'[model]\nbundle = "{tiny_bundle.root}"\n[audio]\nsource = "file"\npath = "{scene}"\n'
+                    f'realtime = false\n[logging]\nlevel = "{level}"\n[[queries]]\ntext = "beep"\n')
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(logging.WARNING)  # what the CLI sets without -v
+    try:
+        assert main(["run", "--config", str(toml), "--json"]) == 0
+        assert root.level == getattr(logging, level)
+    finally:
+        root.setLevel(before)

@@ -14,7 +14,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import StoreError
 from ..protocol import (
@@ -30,6 +30,10 @@ from ..transport import MqttTransport, Will
 from .clip_outbox import ClipOutbox
 from .outbox import Outbox
 from .query_store import QueryStore, load_public_key
+
+if TYPE_CHECKING:
+    from ..config import DeviceConfig
+    from .daemon import Daemon
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +79,7 @@ class _Bucket:
 class DeviceAgent:
     """Sink + query subscriber + health publisher for one device (see module docstring)."""
 
-    def __init__(self, cfg: Any, daemon: Any, *, attach: bool = False) -> None:
+    def __init__(self, cfg: DeviceConfig, daemon: Daemon, *, attach: bool = False) -> None:
         """``attach=True`` also registers the agent as a daemon sink (``run`` does that itself)."""
         if cfg.mqtt is None:
             from ..errors import ConfigError

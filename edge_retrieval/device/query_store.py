@@ -17,10 +17,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import QueryRejected, StoreError
 from ..protocol import QueryMessage, Status, parse_query_message, parse_topic, verify_signature
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,7 @@ class QueryTarget(Protocol):
     def remove_query(self, query_id: str) -> None: ...
 
 
-def load_public_key(path: str | Path) -> Any:
+def load_public_key(path: str | Path) -> Ed25519PublicKey:
     """An Ed25519 public key from a PEM file (``edge-retrieval keys generate``)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -64,7 +67,7 @@ class QueryStore:
         target: QueryTarget,
         *,
         device: str,
-        public_key: Any | None = None,
+        public_key: Ed25519PublicKey | None = None,
         report: Callable[[Status], None] | None = None,
     ) -> None:
         self.target = target

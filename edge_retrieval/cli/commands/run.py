@@ -268,11 +268,20 @@ def _flag_problem(problem: str) -> str | None:
     return f"{'/'.join(flags)}: {problem}" if flags else None
 
 
+def apply_log_level(level: str) -> None:
+    """The config's ``[logging] level`` for the root logger (what journald sees); ``-v`` can only add."""
+    root = logging.getLogger()
+    want = logging.getLevelName(level)
+    root.setLevel(want if root.level >= logging.WARNING else min(root.level, want))
+
+
 def main(args: argparse.Namespace) -> int:
     err = sys.stderr
     if args.bundle is None and args.config is None:
         raise ConfigError("no bundle: pass --bundle DIR (a model bundle directory) or --config FILE")
     cfg = device_config(args)
+    if args.config is not None:
+        apply_log_level(cfg.logging.level)
 
     specs: list[dict[str, Any]] = []
     if args.threshold and args.query and len(args.threshold) not in (1, len(args.query)):
