@@ -12,14 +12,17 @@ is dropped and counted.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from ..errors import StoreError, TransportError
+from ..errors import TransportError
 from ..protocol import MAX_CLIP_BYTES
+from .sqlite_queue import SqliteQueue
+
+if TYPE_CHECKING:
+    from ..transport import MqttTransport
 
 log = logging.getLogger(__name__)
 
@@ -28,50 +31,27 @@ log = logging.getLogger(__name__)
 class ClipOutbox:
     """At most ``max_rows`` clips (rows) wait; the oldest is dropped (counted) when full."""
 
-    def __init__(self, path: str | Path, transport: Any, *, max_rows: int = 10_000,
+    def __init__(self, path: str | Path, transport: MqttTransport, *, max_rows: int = 10_000,
                  max_bytes: int = MAX_CLIP_BYTES, ack_timeout_s: float = 30.0) -> None:
         self.path = Path(path)
         self.transport = transport
         self.max_rows = int(max_rows)
         self.max_bytes = int(max_bytes)
         self.ack_timeout_s = float(ack_timeout_s)
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
+        self._q = SqliteQueue(self.path, "clips",
+                              "event_id TEXT UNIQUE NOT NULL, topic TEXT NOT NULL, file TEXT NOT NULL, created REAL NOT NULL",
+                              self.max_rows, what="clip queue", unit="clips")
+        self._lock = self._q.lock
+        self._wake = self._q.wake
         self._stop = False
         self._thread: threading.Thread | None = None
         self.sent = 0
         self.skipped_large = 0
         self.missing = 0
-        self.dropped = 0
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS clips (id INTEGER PRIMARY KEY AUTOINCREMENT, "
-                             "event_id TEXT UNIQUE NOT NULL, topic TEXT NOT NULL, file TEXT NOT NULL, created REAL NOT NULL)")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open clip queue {str(self.path)!r}: {exc}") from exc
 
     def put(self, event_id: str, topic: str, file: str | Path) -> None:
         """Remember that ``file`` must be published on ``topic`` (durable when this returns)."""
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                n = self._db.execute("SELECT COUNT(*) FROM clips").fetchone()[0]
-                if n >= self.max_rows:
-                    drop = n - self.max_rows + 1
-                    self._db.execute("DELETE FROM clips WHERE id IN (SELECT id FROM clips ORDER BY id LIMIT ?)", (drop,))
-                    self.dropped += drop
-                    log.warning("clip queue full (%d clips): dropped the %d oldest", self.max_rows, drop)
-                self._db.execute("INSERT OR REPLACE INTO clips (event_id, topic, file, created) VALUES (?,?,?,?)",
-                                 (event_id, topic, str(file), time.time()))
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise StoreError(f"clip queue {str(self.path)!r}: cannot store a clip: {exc}") from exc
-            self._wake.notify_all()
+        self._q.append({"event_id": event_id, "topic": topic, "file": str(file), "created": time.time()}, replace=True)
 
     def wake(self) -> None:
         """A (re)connect: try the queue now."""
@@ -85,12 +65,15 @@ class ClipOutbox:
             self._thread.start()
 
     def depth(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM clips").fetchone()[0])
+        return self._q.depth()
+
+    def dropped(self) -> int:
+        """Clips dropped because the queue was full (persisted across restarts)."""
+        return self._q.dropped()
 
     def stats(self) -> dict[str, int]:
         return {"depth": self.depth(), "sent": self.sent, "skipped_large": self.skipped_large,
-                "missing": self.missing, "dropped": self.dropped}
+                "missing": self.missing, "dropped": self.dropped()}
 
     def close(self) -> None:
         with self._lock:
@@ -99,22 +82,16 @@ class ClipOutbox:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-        with self._lock:
-            try:
-                self._db.close()
-            except sqlite3.Error:
-                pass
+        self._q.close()
 
     # ------------------------------------------------------------------ sender
 
     def _next(self) -> tuple[int, str, str] | None:
-        return self._db.execute("SELECT id, topic, file FROM clips ORDER BY id LIMIT 1").fetchone()
+        rows = self._q.first("topic, file", 1)
+        return rows[0] if rows else None  # type: ignore[return-value]
 
     def _remove(self, rid: int) -> None:
-        try:
-            self._db.execute("DELETE FROM clips WHERE id=?", (rid,))
-        except sqlite3.Error as exc:  # sent again later; the server overwrites the same file
-            log.warning("clip queue: cannot delete row %d: %s", rid, exc)
+        self._q.delete(rid)  # a failure is logged; sent again later, the server overwrites the same file
 
     def _run(self) -> None:
         while True:

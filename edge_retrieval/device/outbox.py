@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import StoreError
+from .sqlite_queue import SqliteQueue
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,15 @@ class Outbox:
         self.path = Path(path)
         self.max_events = int(max_events)
         self.window = int(window)
-        self._lock = threading.RLock()
-        self._wake = threading.Condition(self._lock)
+        self._q = SqliteQueue(
+            self.path, "outbox",
+            "key TEXT, topic TEXT NOT NULL, payload BLOB NOT NULL, created REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0",
+            self.max_events, what="outbox", unit="events",
+            indexes=["CREATE INDEX IF NOT EXISTS outbox_key ON outbox(key)"],
+        )
+        self._db = self._q.db
+        self._lock = self._q.lock
+        self._wake = self._q.wake
         self._inflight: dict[int, int] = {}  # mid -> row id
         self._sent_rows: set[int] = set()  # row ids sent (or being sent) on the current link
         self._early_acks: set[int] = set()  # mids acknowledged before the pump recorded them
@@ -49,20 +57,6 @@ class Outbox:
         self._thread: threading.Thread | None = None
         self.sent = 0
         self.acked = 0
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")  # events are rare; survive power loss too
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT, "
-                "topic TEXT NOT NULL, payload BLOB NOT NULL, created REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0)"
-            )
-            self._db.execute("CREATE INDEX IF NOT EXISTS outbox_key ON outbox(key)")
-            self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('dropped', 0)")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open outbox {str(self.path)!r}: {exc}") from exc
 
     # ------------------------------------------------------------------ producer side
 
@@ -79,25 +73,9 @@ class Outbox:
                         self._db.execute("UPDATE outbox SET payload=? WHERE id=?", (data, row[0]))
                         self._wake.notify_all()
                         return
-                self._db.execute("BEGIN IMMEDIATE")
-                n = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
-                if n >= self.max_events:
-                    drop = n - self.max_events + 1
-                    self._db.execute(
-                        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?)", (drop,)
-                    )
-                    self._db.execute("UPDATE meta SET value = value + ? WHERE name='dropped'", (drop,))
-                    log.warning("outbox full (%d events): dropped the %d oldest", self.max_events, drop)
-                self._db.execute(
-                    "INSERT INTO outbox (key, topic, payload, created) VALUES (?, ?, ?, ?)",
-                    (key, topic, data, time.time()),
-                )
-                self._db.execute("COMMIT")
             except sqlite3.Error as exc:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
                 raise StoreError(f"outbox {str(self.path)!r}: cannot store a message: {exc}") from exc
-            self._wake.notify_all()
+            self._q.append({"key": key, "topic": topic, "payload": data, "created": time.time()})
 
     # ------------------------------------------------------------------ link side
 
@@ -139,13 +117,8 @@ class Outbox:
 
     def _delete(self, rid: int) -> None:
         self._sent_rows.discard(rid)
-        try:
-            self._db.execute("DELETE FROM outbox WHERE id=?", (rid,))
-        except sqlite3.Error as exc:  # the row is sent again later; the server upserts
-            log.warning("outbox: cannot delete acknowledged row %d: %s", rid, exc)
-            return
-        self.acked += 1
-        self._wake.notify_all()
+        if self._q.delete(rid):
+            self.acked += 1
 
     def _pump(self) -> None:
         # publish() runs outside our lock: paho calls on_publish (-> on_ack) under its own mutex
@@ -188,24 +161,15 @@ class Outbox:
         return bool(self._next_unsent(1))
 
     def _next_unsent(self, n: int) -> list[tuple[int, str, bytes]]:
-        if n <= 0:
-            return []
-        skip = sorted(self._sent_rows)
-        if skip:
-            marks = ",".join("?" * len(skip))
-            q = f"SELECT id, topic, payload FROM outbox WHERE id NOT IN ({marks}) ORDER BY id LIMIT ?"
-            return self._db.execute(q, (*skip, n)).fetchall()
-        return self._db.execute("SELECT id, topic, payload FROM outbox ORDER BY id LIMIT ?", (n,)).fetchall()
+        return self._q.first("topic, payload", n, sorted(self._sent_rows))  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ status
 
     def depth(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        return self._q.depth()
 
     def dropped(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT value FROM meta WHERE name='dropped'").fetchone()[0])
+        return self._q.dropped()
 
     def inflight(self) -> int:
         with self._lock:
@@ -222,8 +186,4 @@ class Outbox:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-        with self._lock:
-            try:
-                self._db.close()
-            except sqlite3.Error:
-                pass
+        self._q.close()
