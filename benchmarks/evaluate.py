@@ -20,18 +20,8 @@ import numpy as np
 
 from ..bundle import Bundle, load_bundle
 from ..errors import ConfigError
-from ..offline.retrieval import (
-    FileEmbedder,
-    QueryVectors,
-    bootstrap_ci,
-    clip_scores,
-    paired_bootstrap,
-    query_matrix,
-    ranks_and_ap,
-    recall_curve,
-    summarize,
-    text_queries,
-)
+from ..offline.metrics import bootstrap_ci, paired_bootstrap, ranks_and_ap, recall_curve, summarize
+from ..offline.retrieval import FileEmbedder, QueryVectors, clip_scores, query_matrix, text_queries
 from .datasets import FORMATS, Dataset, read_dataset
 
 METRICS = ("R@1", "R@5", "R@10", "mAP@10", "median_rank", "mean_rank")

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from edge_retrieval.export import train as T
 
-from edge_retrieval.offline.retrieval import bootstrap_ci, paired_bootstrap, ranks_and_ap, summarize
+from edge_retrieval.offline.metrics import bootstrap_ci, paired_bootstrap, ranks_and_ap, summarize
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -426,7 +426,7 @@ def mixture_scores(trained: Any, split: Split, q: Queries) -> np.ndarray:
 
 
 def map_at_10(scores: np.ndarray, relevant: np.ndarray) -> float:
-    from edge_retrieval.offline.retrieval import ranks_and_ap
+    from edge_retrieval.offline.metrics import ranks_and_ap
 
     return float(ranks_and_ap(scores, relevant)[1].mean())
 

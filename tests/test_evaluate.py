@@ -14,7 +14,7 @@ from edge_retrieval.benchmarks.evaluate import evaluate_bundle
 
 from edge_retrieval.bundle import Bundle
 from edge_retrieval.cli import main as cli
-from edge_retrieval.offline.retrieval import ranks_and_ap
+from edge_retrieval.offline.metrics import ranks_and_ap
 from tests.fixtures_audio import FREQS, LABELS, write_scene
 
 RATE = 16000

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_retrieval.offline.retrieval import (
+from edge_retrieval.offline.metrics import (
     bootstrap_ci,
     paired_bootstrap,
     ranks_and_ap,

@@ -3,8 +3,8 @@
 A file is decoded by ``device.sources.FileSource`` and embedded through ``pipeline.Pipeline`` as
 the daemon does (without the gate): windows start every ``hop_s`` of the bundle, each expert
 takes its own window length at its own rate, and an uncovered tail gets one zero-padded window.
-A clip's score for a query is the max over its windows (docs/architecture.md, "Scores").
-Metrics follow Oncescu et al. 2021: Recall@K, median rank of the first relevant item, mAP@10.
+A clip's score for a query is the max over its windows (docs/architecture.md, "Scores"); the
+ranking metrics over those scores are in ``offline.metrics``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ..pipeline.core import Pipeline
 from ..pipeline.expert import AudioExpert
 from ..pipeline.matcher import compile_query
 from ..pipeline.windows import Tick
-from ..protocol import QueryMessage, VectorPayload, encode_sparse
+from ..protocol import QueryMessage
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".w64", ".caf")
 TOP_LABELS = 64  # labels space: probabilities kept per window (protocol.MAX_SPARSE)
@@ -139,32 +139,6 @@ def text_queries(bundle: Bundle, texts: Sequence[str]) -> list[QueryVectors]:
     return out
 
 
-def example_query(fv: FileVectors, manifest: Manifest) -> QueryVectors:
-    """Query by example: the mean window vector of a recording, per expert.
-
-    Labels experts keep the top-64 mean probabilities as sparse weights (the same form as a text
-    query); embedding experts use the normalised mean embedding.
-    """
-    payloads: list[VectorPayload] = []
-    for name, v in fv.vectors.items():
-        m = v.mean(axis=0)
-        if is_labels_expert(manifest, name):
-            idx = np.argsort(-m, kind="stable")[:TOP_LABELS]
-            w = np.maximum(m[idx], 1e-12)
-            payloads.append(encode_sparse(name, idx, w))
-        else:
-            payloads.append(VectorPayload(expert=name, encoding="f32", data=_b64(m / max(np.linalg.norm(m), 1e-12)), dim=m.size))
-    names = tuple(p.expert for p in payloads)
-    vecs = tuple(p.dense(manifest.expert(p.expert).dim) for p in payloads)
-    return QueryVectors(f"<example {Path(fv.path).name}>", manifest.space.id, names, (1.0 / len(names),) * len(names), vecs)
-
-
-def _b64(v: np.ndarray) -> str:
-    import base64
-
-    return base64.b64encode(np.asarray(v, "<f4").tobytes()).decode()
-
-
 def query_matrix(queries: Sequence[QueryVectors], expert: str) -> tuple[np.ndarray, np.ndarray]:
     """For one expert: ([dim, Q] float32 vectors, [Q] weights); a query without that expert weighs 0."""
     cols, ws = [], []
@@ -195,102 +169,6 @@ def clip_scores(fv: FileVectors, mats: dict[str, tuple[np.ndarray, np.ndarray]])
     if total is None:
         raise QueryRejected("no query vector matches an expert of this bundle")
     return total.max(axis=0)
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def ranks_and_ap(scores: np.ndarray, relevant: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """Per query: rank (1-based) of the first relevant item, and average precision over the top ``k``.
-
-    ``scores`` and ``relevant`` are [Q, I]. Ties are broken pessimistically (irrelevant items
-    first), so a model that scores everything alike earns nothing. AP@k is normalised by
-    min(#relevant, k), as in the paper's code.
-    """
-    scores = np.asarray(scores, np.float64)
-    relevant = np.asarray(relevant, bool)
-    if scores.shape != relevant.shape or scores.ndim != 2:
-        raise ValueError(f"scores {scores.shape} and relevant {relevant.shape} must both be [Q, I]")
-    q, n = scores.shape
-    if n == 0:
-        raise ValueError("no items to rank")
-    # lexsort: last key is primary -> order by -score, then irrelevant first, then index
-    first = np.zeros(q, np.int64)
-    ap = np.zeros(q, np.float64)
-    idx = np.arange(n)
-    for i in range(q):
-        if not relevant[i].any():
-            raise ValueError(f"query {i} has no relevant item")
-        order = np.lexsort((idx, relevant[i].astype(np.int8), -scores[i]))
-        rel = relevant[i][order]
-        first[i] = int(np.argmax(rel)) + 1
-        top = rel[:k].astype(np.float64)
-        prec = np.cumsum(top) / np.arange(1, top.size + 1)
-        ap[i] = float((prec * top).sum() / min(int(relevant[i].sum()), k))
-    return first, ap
-
-
-def summarize(first: np.ndarray, ap: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Recall@K (fraction of queries whose first relevant item is in the top K), median rank, mAP@10."""
-    first = np.asarray(first)
-    out = {f"R@{k}": float(np.mean(first <= k)) for k in ks}
-    out["mAP@10"] = float(np.mean(ap))
-    out["median_rank"] = float(np.median(first))
-    out["mean_rank"] = float(np.mean(first))
-    return out
-
-
-def bootstrap_ci(
-    first: np.ndarray, ap: np.ndarray, n: int = 1000, seed: int = 0, alpha: float = 0.05
-) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap confidence intervals over queries (resampled with replacement)."""
-    rng = np.random.default_rng(seed)
-    q = len(first)
-    samples: dict[str, list[float]] = {}
-    for _ in range(int(n)):
-        i = rng.integers(0, q, q)
-        for k, v in summarize(first[i], ap[i]).items():
-            samples.setdefault(k, []).append(v)
-    lo, hi = 100 * alpha / 2, 100 * (1 - alpha / 2)
-    return {k: (float(np.percentile(v, lo)), float(np.percentile(v, hi))) for k, v in samples.items()}
-
-
-def paired_bootstrap(
-    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], n: int = 1000, seed: int = 0, alpha: float = 0.05
-) -> dict[str, dict[str, float]]:
-    """Paired bootstrap of (b - a) over the same resampled queries: delta, CI, two-sided p.
-
-    p is twice the smaller tail fraction of resampled deltas on either side of zero (capped at 1).
-    """
-    if len(a[0]) != len(b[0]):
-        raise ValueError(f"paired bootstrap needs the same queries: {len(a[0])} vs {len(b[0])}")
-    base_a, base_b = summarize(*a), summarize(*b)
-    rng = np.random.default_rng(seed)
-    q = len(a[0])
-    deltas: dict[str, list[float]] = {}
-    for _ in range(int(n)):
-        i = rng.integers(0, q, q)
-        sa, sb = summarize(a[0][i], a[1][i]), summarize(b[0][i], b[1][i])
-        for k in sa:
-            deltas.setdefault(k, []).append(sb[k] - sa[k])
-    lo, hi = 100 * alpha / 2, 100 * (1 - alpha / 2)
-    out = {}
-    for k, d in deltas.items():
-        arr = np.asarray(d)
-        p = min(1.0, 2 * min(float(np.mean(arr <= 0)), float(np.mean(arr >= 0))))
-        out[k] = {
-            "delta": base_b[k] - base_a[k],
-            "ci_low": float(np.percentile(arr, lo)),
-            "ci_high": float(np.percentile(arr, hi)),
-            "p": p,
-        }
-    return out
-
-
-def recall_curve(first: np.ndarray, max_k: int) -> np.ndarray:
-    """Recall@K for K = 1..max_k (for plots)."""
-    first = np.asarray(first)
-    return np.asarray([float(np.mean(first <= k)) for k in range(1, max_k + 1)])
 
 
 def fmt_offset(seconds: float) -> str:

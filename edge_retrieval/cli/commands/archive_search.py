@@ -15,7 +15,8 @@ from pathlib import Path
 from ...bundle import load_bundle
 from ...errors import ConfigError
 from ...offline.archive import ArchiveIndex, open_search_bundle, parse_when
-from ...offline.retrieval import FileEmbedder, example_query, fmt_offset, text_queries
+from ...offline.query_audio import example_query
+from ...offline.retrieval import FileEmbedder, fmt_offset, text_queries
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
