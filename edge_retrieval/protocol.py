@@ -15,7 +15,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -23,6 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError, QueryRejected
 from .policy import PolicyOverlay
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 SCHEMA = 1
 TOPIC_ROOT = "edge-retrieval/v1"
@@ -319,13 +322,13 @@ def _reject_constant(name: str) -> Any:
 # --------------------------------------------------------------------------- signing
 
 
-def sign_message(msg: QueryMessage, private_key: Any) -> QueryMessage:
+def sign_message(msg: QueryMessage, private_key: Ed25519PrivateKey) -> QueryMessage:
     """Return ``msg`` with an Ed25519 signature (base64) from ``private_key``."""
     sig = private_key.sign(msg.signing_bytes())
     return msg.model_copy(update={"signature": base64.b64encode(sig).decode()})
 
 
-def verify_signature(msg: QueryMessage, public_key: Any) -> None:
+def verify_signature(msg: QueryMessage, public_key: Ed25519PublicKey) -> None:
     """Raise QueryRejected unless ``msg`` carries a valid signature by ``public_key``."""
     from cryptography.exceptions import InvalidSignature
 

@@ -11,7 +11,7 @@ import re
 import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, TransportError
 from ..policy import PolicyOverlay
@@ -27,6 +27,9 @@ from ..protocol import (
 from ..transport import MqttTransport
 from .store import ServerStore
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 log = logging.getLogger(__name__)
 
 
@@ -34,7 +37,7 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- keys
 
 
-def load_private_key(path: str | Path) -> Any:
+def load_private_key(path: str | Path) -> Ed25519PrivateKey:
     """The Ed25519 signing key (PEM, from ``edge-retrieval keys generate``)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -75,7 +78,7 @@ def next_version(held: int | None) -> int:
 class AlertManager:
     """Create, list and remove alerts: sign, publish retained QoS 1, record in the store."""
 
-    def __init__(self, store: ServerStore, transport: MqttTransport | None, private_key: Any | None = None,
+    def __init__(self, store: ServerStore, transport: MqttTransport | None, private_key: Ed25519PrivateKey | None = None,
                  builder: Any | None = None) -> None:
         self.store = store
         self.transport = transport

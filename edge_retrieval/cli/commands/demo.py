@@ -18,13 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from ...bundle import load_bundle
-from ...defaults import default_policy, default_threshold, merge_overlays
+from ...config import validate_config
+from ...defaults import default_threshold
 from ...device.daemon import Daemon
 from ...device.sinks import ListSink, TableSink
-from ...device.sources import FileSource
 from ...errors import ConfigError, EdgeRetrievalError
 from ...offline.scenes import DETECTION_QUERIES, build_stream, read_fixture, sounds_dir
-from ...policy import PolicyOverlay
 from .run import local_queries, summary_line
 
 DEFAULT_BUNDLE = Path.home() / ".cache" / "edge-retrieval" / "bundles" / "birdnet-fp32"
@@ -104,9 +103,10 @@ def main(args: argparse.Namespace) -> int:
             from ...device.sinks import JsonLinesSink
 
             sinks.append(JsonLinesSink())
-        policy = merge_overlays(None, default_policy(bundle) or PolicyOverlay())
-        d = Daemon(bundle, FileSource(wav, realtime=args.realtime), device_id="demo", threads=args.threads,
-                   policy=policy, sinks=sinks)
+        cfg = validate_config({"device": {"id": "demo"}, "model": {"bundle": str(args.bundle), "threads": args.threads},
+                               "audio": {"source": "file", "path": str(wav), "realtime": bool(args.realtime)}},
+                              source="demo", base_dir=Path.cwd())
+        d = Daemon.from_config(cfg, sinks, bundle=bundle)  # the one constructor, as run and the service
         for m in msgs:
             d.apply_query(m)
         d.run()

@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -386,13 +387,13 @@ def summary_line(h: dict[str, Any]) -> str:
     )
 
 
-def _cached(fn: Any, ttl_s: float) -> Any:
+def _cached(fn: Callable[[], str], ttl_s: float) -> Callable[[], str]:
     """Call ``fn`` at most every ``ttl_s`` seconds (clock status runs a subprocess)."""
     import time
 
     state: dict[str, Any] = {"t": -1e18, "v": "unknown"}
 
-    def call() -> Any:
+    def call() -> str:
         now = time.monotonic()
         if now - state["t"] >= ttl_s:
             state["v"], state["t"] = fn(), now
