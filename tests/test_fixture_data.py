@@ -42,6 +42,9 @@ RESERVED = {
     "sound-icons",
 }
 MIN_CLIPS_PER_CATEGORY = 6
+# The non-reserved Debian packages hold only three real chainsaw recordings (cube2's two, dev;
+# simutrans' tree cutting, test): data/README.md.
+SMALL_CATEGORIES = {"chainsaw": 3}
 
 
 def _rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -81,7 +84,7 @@ def test_fixture_categories_have_dev_and_test_clips() -> None:
     assert len(distractors) >= 2, sorted(splits)
     for category, count in splits.items():
         assert count["dev"] >= 1 and count["test"] >= 1, (category, count)
-        assert count.total() >= MIN_CLIPS_PER_CATEGORY, (category, count)
+        assert count.total() >= SMALL_CATEGORIES.get(category, MIN_CLIPS_PER_CATEGORY), (category, count)
 
 
 def test_fixture_splits_share_no_recording() -> None:
