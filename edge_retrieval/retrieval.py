@@ -137,24 +137,45 @@ def text_queries(bundle: Bundle, texts: Sequence[str]) -> list[QueryVectors]:
     return out
 
 
-def example_query(fv: FileVectors, manifest: Manifest) -> QueryVectors:
-    """Query by example: the mean window vector of a recording, per expert.
+# Labels space: an example's weights are its mean probabilities squared (top 64, summing to 1), so
+# the labels it is most sure of lead and a broad second guess does not. On the dev half of the
+# fixture (70 clips) this raised the median self-score from 0.35 to 0.47 and mAP@10 (same
+# category) from 0.42 to 0.45 over plain mean probabilities; higher powers gained < 0.02.
+EXAMPLE_SHARPEN = 2.0
 
-    Labels experts keep the top-64 mean probabilities as sparse weights (the same form as a text
-    query); embedding experts use the normalised mean embedding.
+
+def example_payloads(fv: FileVectors, manifest: Manifest, sharpen: float = EXAMPLE_SHARPEN) -> list[VectorPayload]:
+    """Query by example: one vector per expert from a recording's windows.
+
+    Labels experts: the top-64 mean probabilities raised to ``sharpen``, as sparse weights
+    summing to 1 (the form of a text query); embedding experts: the normalised mean.
     """
     payloads: list[VectorPayload] = []
     for name, v in fv.vectors.items():
-        m = v.mean(axis=0)
+        if v.shape[0] == 0:
+            raise QueryRejected(f"example {fv.path!r} gave no windows (is it empty?)")
+        m = v.astype(np.float64).mean(axis=0)
         if is_labels_expert(manifest, name):
             idx = np.argsort(-m, kind="stable")[:TOP_LABELS]
-            w = np.maximum(m[idx], 1e-12)
-            payloads.append(encode_sparse(name, idx, w))
+            w = np.maximum(m[idx], 0.0) ** sharpen
+            payloads.append(encode_sparse(name, idx, w if w.sum() > 0 else np.ones_like(w)))
         else:
-            payloads.append(VectorPayload(expert=name, encoding="f32", data=_b64(m / max(np.linalg.norm(m), 1e-12)), dim=m.size))
+            n = float(np.linalg.norm(m))
+            payloads.append(VectorPayload(expert=name, encoding="f32", data=_b64(m / n if n > 0 else m), dim=m.size))
+    return payloads
+
+
+def example_query(fv: FileVectors, manifest: Manifest, sharpen: float = EXAMPLE_SHARPEN) -> QueryVectors:
+    """Query by example as query vectors for scoring (see ``example_payloads``), experts weighed alike."""
+    payloads = example_payloads(fv, manifest, sharpen)
     names = tuple(p.expert for p in payloads)
     vecs = tuple(p.dense(manifest.expert(p.expert).dim) for p in payloads)
     return QueryVectors(f"<example {Path(fv.path).name}>", manifest.space.id, names, (1.0 / len(names),) * len(names), vecs)
+
+
+def self_score(query: QueryVectors, fv: FileVectors) -> float:
+    """The best window score of a recording for a query: what an example scores against itself."""
+    return float(clip_scores(fv, {e: query_matrix([query], e) for e in query.experts})[0])
 
 
 def _b64(v: np.ndarray) -> str:
