@@ -24,7 +24,7 @@ from ..bundle import Bundle, load_bundle
 from ..clips import ClipWriter
 from ..daemon import Daemon, source_from_config
 from ..defaults import default_policy, default_threshold, merge_overlays
-from ..errors import ConfigError, QueryRejected
+from ..errors import ConfigError, QueryRejected, SourceError
 from ..policy import PolicyOverlay
 from ..protocol import QueryMessage
 from ..sinks import JsonLinesSink, Sink, TableSink
@@ -199,6 +199,13 @@ def _make_source(args: argparse.Namespace, cfg: Any) -> Source:
     device: Any = args.mic_device if args.mic_device is not None else (audio.device if audio else None)
     if isinstance(device, str) and device.isdigit():
         device = int(device)
+    if args.source is None:
+        try:
+            return open_source("mic", device=device, capture_rate=audio.capture_rate if audio else None,
+                               block_s=audio.block_s if audio else 0.1)
+        except SourceError as exc:
+            raise SourceError(f"no --source given, so the microphone was chosen: {exc} (pass --source FILE for "
+                              "a recording, --source - for raw PCM on stdin, or --mic-device NAME)") from exc
     return open_source(
         spec,
         realtime=bool(args.realtime) if args.realtime is not None else False,
@@ -261,12 +268,22 @@ def main(args: argparse.Namespace) -> int:
     cfg_thr = cfg.detection.threshold if cfg else None
     msgs = local_queries(bundle, specs, cfg_thr, warn=lambda line: print(line, file=err)) if specs else []
     if args.query_audio:
-        from ..query_audio import query_from_audio
+        from ..query_audio import EXAMPLE_ALPHA, WEAK_SELF_SCORE, example_from_audio
 
         taken = {m.query_id for m in msgs}
         for path in args.query_audio:
-            thr = args.threshold[0] if (args.threshold and not args.query) else default_threshold(bundle, "", cfg_thr)
-            msgs.append(query_from_audio(bundle, path, _slug(f"like-{path.stem}", taken), thr))
+            thr = args.threshold[0] if (args.threshold and not args.query) else None
+            msg, own = example_from_audio(bundle, path, _slug(f"like-{path.stem}", taken), thr)
+            how = "--threshold" if thr is not None else f"{EXAMPLE_ALPHA:g} x its self-score"
+            print(f"query {msg.query_id!r} (example {path.name}): self-score {own:.3f}, threshold "
+                  f"{msg.threshold:.3f} ({how})", file=err)
+            if own < WEAK_SELF_SCORE:
+                print(f"warning: example {path.name} scores only {own:.3f} against itself: the bundle hears "
+                      "little in it, and the query may fire on unrelated sounds", file=err)
+            elif own < msg.threshold:
+                print(f"warning: example {path.name} scores {own:.3f} against itself, below its threshold "
+                      f"{msg.threshold:.3f}: it would not find itself", file=err)
+            msgs.append(msg)
 
     clips = None
     if args.clips_dir is not None:
