@@ -85,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
 def _add(args: argparse.Namespace) -> int:
     from ..bundle import load_bundle
     from ..policy import PolicyOverlay
-    from ..text import QueryBuilder
+    from ..text import QueryBuilder, query_warnings
 
     if not args.bundle:
         raise ConfigError("--bundle is required (the full bundle with its text side, or set $EDGE_RETRIEVAL_BUNDLE)")
@@ -119,9 +119,8 @@ def _add(args: argparse.Namespace) -> int:
         for r in res:
             top = ", ".join(f"{lab} {w:.2f}" for lab, w in r.top[:5])
             print(f"  {r.expert}: {top}  (fit {r.fit:.2f})")
-    for r in res:
-        if r.warning:
-            print(f"edge-retrieval alerts: warning: {r.expert}: {r.warning}", file=sys.stderr)
+    for w in query_warnings(args.text, res):
+        print(f"edge-retrieval alerts: warning: {w}", file=sys.stderr)
     return 0
 
 
