@@ -72,8 +72,11 @@ class Daemon:
         lat: float | None = None,
         lon: float | None = None,
         clips: ClipWriter | None = None,
+        on_scores: Callable[[float, float, list[str], np.ndarray | None], None] | None = None,
     ) -> None:
         m = bundle.manifest
+        # per window: (start_s, end_s, query ids, scores or None when gated/idle/failed), for `run --scores`
+        self.on_scores = on_scores
         self.bundle, self.source, self.device_id = bundle, source, device_id
         self.site, self.lat, self.lon = site, lat, lon
         self.clock = clock  # returns the clock status: "synced" | "unsynced" | "unknown"
@@ -121,7 +124,8 @@ class Daemon:
         self.sink_errors = 0
         self.busy_s = 0.0  # wall seconds the inference thread spent on windows
         self.cpu_s = 0.0  # CPU seconds of the inference thread (onnxruntime runs in it with 1 thread)
-        self.audio_s = 0.0
+        self.audio_s = 0.0  # seconds of stream the windows advanced over (hops; the RTF basis)
+        self.source_s = 0.0  # seconds of audio read from the source
         self.stage_s: dict[str, float] = dict.fromkeys(STAGES, 0.0)
         self.started: float | None = None
         self.t0_wall: float | None = None  # wall clock at stream offset 0
@@ -175,6 +179,7 @@ class Daemon:
                     lag = block.size / self.source.sample_rate if live else 0.0
                     self.t0_wall = time.time() - lag
                     self.t0_mono = time.monotonic() - lag
+                self.source_s += block.shape[0] / self.source.sample_rate
                 if self.history is not None:
                     self.history.append(block)
                 for tick in self.windower.push(block):
@@ -284,7 +289,10 @@ class Daemon:
                     self.failed += len(keep)
                     log.warning("encoder failed on %d window(s): %s", len(keep), exc)
         t5 = time.thread_time()
+        ids = [q.query_id for q in snap.queries] if self.on_scores is not None else []
         for tick, row in zip(batch, rows, strict=True):
+            if self.on_scores is not None:
+                self.on_scores(tick.start_s, tick.end_s, ids, row)
             for tr in self.detector.step(snap.queries, tick.start_s, tick.end_s, row):
                 self._transition(tr)
         self._flush_clips(force=False, now_s=batch[-1].end_s)
@@ -394,6 +402,7 @@ class Daemon:
             "query_ids": sorted(q.query_id for q in self.matcher.snapshot.queries),
             "step_s": self.step_s,
             "audio_s": round(self.audio_s, 3),
+            "source_s": round(self.source_s, 3),
             "uptime_s": round(time.monotonic() - self.started, 3) if self.started else 0.0,
             "stage_cpu_s": {k: round(v, 4) for k, v in self.stage_s.items()},
             "source": {"name": self.source.name, "rate": self.source.sample_rate, **src_stats,
