@@ -419,10 +419,11 @@ class ArchiveIndex:
     # ----------------------------------------------------------------- reading
 
     def stats(self) -> dict[str, object]:
-        files, windows = self.db.execute("SELECT COUNT(*), COALESCE(SUM(n_windows), 0) FROM files").fetchone()
+        files, windows, timed = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(n_windows), 0), COUNT(start_epoch) FROM files").fetchone()
         failed = self.db.execute("SELECT COUNT(*) FROM failures").fetchone()[0]
         return {"files": files, "windows": windows, "failed": failed, "space_id": self.space_id,
-                "bundle": self.meta("bundle_name")}
+                "bundle": self.meta("bundle_name"), "timed_files": timed}
 
     def failures(self) -> list[tuple[str, str]]:
         return list(self.db.execute("SELECT path, message FROM failures ORDER BY path"))
