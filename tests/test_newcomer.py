@@ -202,3 +202,135 @@ def test_alerts_add_uses_runs_default_threshold(capsys, broker, birdnet_bundle, 
     assert rc == 0, err
     alert = json.loads(out)
     assert alert["threshold"] == pytest.approx(default_threshold(birdnet_bundle, "chainsaw"))
+
+
+# --------------------------------------------------------------------------- 7, 9, 11, 13: explain and warnings
+
+
+def test_explain_shows_the_default_threshold_and_what_fit_means(capsys, birdnet_bundle) -> None:
+    from edge_retrieval.defaults import default_threshold
+
+    rc, out, err = cli(capsys, "explain", "thunder", "--bundle", str(birdnet_bundle.root), "--top", "2")
+    assert rc == 0, err
+    assert f"default threshold {default_threshold(birdnet_bundle, 'thunder'):g}" in out
+    assert "fit: the best cosine similarity" in out
+    rc, out, _ = cli(capsys, "explain", "Kettensäge", "--bundle", str(birdnet_bundle.root), "--json")
+    data = json.loads(out)
+    assert any("English" in w for w in data["warnings"]) and any("may never fire" in w for w in data["warnings"])
+
+
+def _res(expert: str, fits: bool, warning: str | None = None):  # noqa: ANN202
+    from edge_retrieval.protocol import encode_sparse
+    from edge_retrieval.text import Resolution
+
+    return Resolution(expert=expert, vector=encode_sparse(expert, [0], [1.0]), top=[], fit=0.5, warning=warning,
+                      fits=fits)
+
+
+def test_may_never_fire_only_when_no_expert_fits() -> None:
+    from edge_retrieval.text import query_warnings
+
+    some = query_warnings("glass breaking", [_res("birdnet", False, "no label"), _res("aisfx", True)])
+    assert some == ["birdnet: no label"]
+    none = query_warnings("glass breaking", [_res("birdnet", False, "no label"), _res("aisfx", False)])
+    assert len(none) == 2 and "may never fire" in none[-1]
+    assert any("English" in w for w in query_warnings("电锯", [_res("birdnet", True)]))
+
+
+def test_ensemble_warns_per_expert(capsys, birdnet_bundle, tmp_path) -> None:
+    pytest.importorskip("torch")
+    out = tmp_path / "moee"
+    rc, _, err = cli(capsys, "train", "--from-weights", str(ROOT / "export" / "data" / "moee"),
+                     "--base", str(birdnet_bundle.root), "--out", str(out))
+    assert rc == 0, err
+    rc, text, _ = cli(capsys, "explain", "glass breaking", "--bundle", str(out), "--json")
+    data = json.loads(text)
+    fits = {e["expert"]: e["fits"] for e in data["experts"]}
+    assert any(fits.values()) and not fits["birdnet"], fits  # BirdNET has no glass label; the others fit
+    assert not any("may never fire" in w for w in data["warnings"]), data["warnings"]
+
+
+def test_run_prints_thresholds_and_every_windows_score(capsys, tiny_bundle, tmp_path) -> None:
+    from tests.fixtures_audio import write_scene
+
+    wav = write_scene(tmp_path / "s.wav", [("noise", 3), ("1000", 3)], 32000)
+    rc, _, err = cli(capsys, "run", "--bundle", str(tiny_bundle.root), "--source", str(wav), "--query", "beep",
+                     "--threshold", "0.5", "--scores", "--json")
+    assert rc == 0, err
+    assert "query 'beep': 'beep', threshold 0.5" in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("scores ")]
+    windows = int(err.split("windows ")[1].split(",")[0])
+    assert len(lines) == windows > 0
+    assert any("*" in ln for ln in lines) and any("*" not in ln and "beep" in ln for ln in lines)
+
+
+# --------------------------------------------------------------------------- 8: dates on untimed files
+
+
+def test_search_since_on_files_without_start_time(capsys, tiny_bundle, tmp_path) -> None:
+    from tests.fixtures_audio import write_scene
+
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    write_scene(rec / "a.wav", [("1000", 2.0)], 32000)
+    assert cli(capsys, "index", str(rec), "--bundle", str(tiny_bundle.root), "--quiet")[0] == 0
+    rc, _, err = cli(capsys, "search", "beep", "--index", str(rec / ".edge-retrieval-index"), "--since", "2024-01-01")
+    one_line_error(rc, err, "carries a start time", "20240101_063000.wav")
+
+
+# --------------------------------------------------------------------------- 10: PrivateTmp
+
+
+def test_install_service_names_every_path_under_tmp(tiny_bundle) -> None:
+    from edge_retrieval.commands.service import paths_under_tmp
+
+    cfg = validate_config({"mqtt": False, "model": {"bundle": "/tmp/b"}, "storage": {"dir": "/var/tmp/state"},
+                           "audio": {"source": "file", "path": "/tmp/x.wav"}}, check_files=False)
+    found = dict(paths_under_tmp(cfg, Path("/etc/edge-retrieval/device.toml"), Path("/tmp/venv/bin/edge-retrieval")))
+    assert set(found) == {"executable", "bundle (model.bundle)", "audio file (audio.path)",
+                          "state directory (storage.dir)"}, found
+
+
+# --------------------------------------------------------------------------- cosmetic
+
+
+def test_summary_counts_the_seconds_read_and_notes_a_short_file(capsys, tiny_bundle, tmp_path) -> None:
+    from tests.fixtures_audio import write_scene
+
+    for secs in (0.2, 2.71):
+        wav = write_scene(tmp_path / f"{secs}.wav", [("1000", secs)], 32000)
+        rc, _, err = cli(capsys, "run", "--bundle", str(tiny_bundle.root), "--source", str(wav), "--query", "beep")
+        assert rc == 0, err
+        assert f"summary: {secs:.2f} s of audio" in err, err
+        window_s = max(e.window_s for e in tiny_bundle.manifest.device.experts)
+        assert ("shorter than the bundle's" in err) == (secs < window_s)
+
+
+def test_version_and_suggestions(capsys) -> None:
+    from edge_retrieval import __version__
+
+    assert cli(capsys, "--version") == (0, f"edge-retrieval {__version__}\n", "")
+    rc, _, err = cli(capsys, "serach", "rain")
+    assert rc == 2 and "did you mean 'search'" in err
+    with pytest.raises(SystemExit) as ei:
+        main(["search", "rain", "--indx", "x"])
+    err = capsys.readouterr().err
+    assert ei.value.code == 2 and "did you mean --index" in err and len(err.strip().splitlines()) == 1
+
+
+def test_slim_refuses_a_path_inside_the_source_and_a_missing_bundle(capsys, tiny_bundle, tmp_path) -> None:
+    src = tmp_path / "b"
+    shutil.copytree(tiny_bundle.root, src)
+    rc, _, err = cli(capsys, "bundle", "slim", str(src), str(src / "sub"))
+    one_line_error(rc, err, "inside the source bundle")
+    assert not (src / "sub").exists()
+    rc, _, err = cli(capsys, "bundle", "verify", str(tmp_path / "missing"))
+    one_line_error(rc, err, "does not exist")
+
+
+def test_config_show_writes_mqtt_false(capsys, tiny_bundle, tmp_path) -> None:
+    p = tmp_path / "d.toml"
+    p.write_text(f'mqtt = false\n[model]\nbundle = "{tiny_bundle.root}"\n')
+    rc, out, err = cli(capsys, "config", "show", str(p))
+    assert rc == 0, err
+    assert "mqtt = false" in out.splitlines() and "(unset)" not in " ".join(ln for ln in out.splitlines() if "mqtt" in ln)
