@@ -138,9 +138,8 @@ def text_queries(bundle: Bundle, texts: Sequence[str]) -> list[QueryVectors]:
 
 
 # Labels space: an example's weights are its mean probabilities squared (top 64, summing to 1), so
-# the labels it is most sure of lead and a broad second guess does not. On the dev half of the
-# fixture (70 clips) this raised the median self-score from 0.35 to 0.47 and mAP@10 (same
-# category) from 0.42 to 0.45 over plain mean probabilities; higher powers gained < 0.02.
+# the labels it is most sure of lead and a broad second guess does not; chosen on the dev half of
+# the fixture (README, "Query by example"; benchmarks/query_by_example.py).
 EXAMPLE_SHARPEN = 2.0
 
 

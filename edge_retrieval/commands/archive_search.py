@@ -49,8 +49,8 @@ def main(args: argparse.Namespace) -> int:
                 raise ConfigError("no --bundle given and the index does not record one")
             bundle = load_bundle(path, part="device")
             index.check_space(bundle.manifest)
-            # nearest windows by cosine of the mean probabilities (sharpen 1): on the dev half of
-            # the fixture each example ranked itself first 96% of the time (README, "Query by example")
+            # nearest windows by cosine with the mean probabilities (sharpen 1): an example finds
+            # itself, where the linear score prefers louder sounds (README, "Query by example")
             query = example_query(FileEmbedder(bundle).embed_file(args.audio), bundle.manifest, sharpen=1.0)
         else:
             bundle = open_search_bundle(index, args.bundle)
