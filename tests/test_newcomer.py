@@ -55,18 +55,23 @@ def clips() -> list[Path]:
     return paths
 
 
+@pytest.fixture(scope="module")
+def ensemble(birdnet_bundle, tmp_path_factory) -> Path:
+    """The ensemble bundle the README recommends for archive search, from the committed projections."""
+    pytest.importorskip("torch")
+    out = tmp_path_factory.mktemp("moee") / "moee"
+    rc = main(["train", "--from-weights", str(ROOT / "export" / "data" / "moee"), "--base", str(birdnet_bundle.root),
+               "--out", str(out)])
+    assert rc == 0
+    return out
+
+
 # --------------------------------------------------------------------------- 1: verify an ensemble
 
 
-def test_bundle_verify_prints_an_ensemble_bundle(capsys, birdnet_bundle, tmp_path) -> None:
-    pytest.importorskip("torch")
-    out = tmp_path / "moee"
-    rc, _, err = cli(capsys, "train", "--from-weights", str(ROOT / "export" / "data" / "moee"),
-                     "--base", str(birdnet_bundle.root), "--out", str(out))
-    if rc != 0 and "pip install" in err:
-        pytest.skip(err.strip())
-    assert rc == 0, err
-    rc, text, err = cli(capsys, "bundle", "verify", str(out))
+def test_bundle_verify_prints_an_ensemble_bundle(capsys, ensemble) -> None:
+    capsys.readouterr()
+    rc, text, err = cli(capsys, "bundle", "verify", str(ensemble))
     assert rc == 0 and not err, err
     experts = [ln for ln in text.splitlines() if ln.lstrip().startswith("expert ")]
     assert len(experts) == 3 and all("parity" in ln for ln in experts), text
@@ -237,13 +242,9 @@ def test_may_never_fire_only_when_no_expert_fits() -> None:
     assert any("English" in w for w in query_warnings("电锯", [_res("birdnet", True)]))
 
 
-def test_ensemble_warns_per_expert(capsys, birdnet_bundle, tmp_path) -> None:
-    pytest.importorskip("torch")
-    out = tmp_path / "moee"
-    rc, _, err = cli(capsys, "train", "--from-weights", str(ROOT / "export" / "data" / "moee"),
-                     "--base", str(birdnet_bundle.root), "--out", str(out))
-    assert rc == 0, err
-    rc, text, _ = cli(capsys, "explain", "glass breaking", "--bundle", str(out), "--json")
+def test_ensemble_warns_per_expert(capsys, ensemble) -> None:
+    capsys.readouterr()
+    rc, text, _ = cli(capsys, "explain", "glass breaking", "--bundle", str(ensemble), "--json")
     data = json.loads(text)
     fits = {e["expert"]: e["fits"] for e in data["experts"]}
     assert any(fits.values()) and not fits["birdnet"], fits  # BirdNET has no glass label; the others fit
