@@ -29,15 +29,12 @@ import soundfile as sf
 from edge_retrieval.export import train as T
 
 from edge_retrieval.bundle import Bundle, load_bundle
-from edge_retrieval.retrieval import (
+from edge_retrieval.offline.metrics import bootstrap_ci, paired_bootstrap, ranks_and_ap, summarize
+from edge_retrieval.offline.retrieval import (
     FileEmbedder,
     FileVectors,
-    bootstrap_ci,
     clip_scores,
-    paired_bootstrap,
     query_matrix,
-    ranks_and_ap,
-    summarize,
     text_queries,
 )
 

@@ -266,8 +266,11 @@ class Bundle:
 def read_manifest(root: str | os.PathLike[str]) -> Manifest:
     root = Path(root)
     mpath = root / MANIFEST_NAME
+    if not root.exists():
+        raise BundleError(f"bundle {str(root)!r} does not exist (expected a bundle directory with {MANIFEST_NAME}, "
+                          "built by `edge-retrieval export birdnet --out DIR` or the demo)")
     if not root.is_dir():
-        raise BundleError(f"bundle {str(root)!r}: not a directory")
+        raise BundleError(f"bundle {str(root)!r} is a file (expected a bundle directory with {MANIFEST_NAME})")
     if not mpath.is_file():
         raise BundleError(f"bundle {str(root)!r}: no {MANIFEST_NAME}")
     try:
@@ -328,7 +331,7 @@ class BundleWriter:
     def __init__(self, out: str | os.PathLike[str], overwrite: bool = False) -> None:
         self.out = Path(out)
         if self.out.exists() and not overwrite:
-            raise BundleError(f"output {str(self.out)!r} already exists; choose another --out or remove it")
+            raise BundleError(f"output {str(self.out)!r} already exists; choose another output directory or remove it")
         self.overwrite = overwrite
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial", dir=self.out.parent))
@@ -392,6 +395,9 @@ class BundleWriter:
 
 def slim_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> Bundle:
     """Copy only the device part of ``src`` to ``out`` (no text tower: fits a Pi Zero 2 W)."""
+    if Path(out).resolve().is_relative_to(Path(src).resolve()):
+        raise BundleError(f"output {str(out)!r} is inside the source bundle {str(src)!r} "
+                          "(expected a directory outside it: the source's checksums would no longer match)")
     b = load_bundle(src, part="device")
     m = b.manifest
     with BundleWriter(out) as w:

@@ -517,6 +517,10 @@ def _profile_path(name: Any, base_dir: Path | None) -> Path:
     return p
 
 
+# mqtt keys a device file may unset with `false` (the profiles set them for an mqtts:// fleet)
+UNSETTABLE_MQTT = ("tls", "credentials_file")
+
+
 def merged_dict(
     data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, base_dir: Path | None = None
 ) -> dict[str, Any]:
@@ -533,6 +537,11 @@ def merged_dict(
         top = deep_merge(prof, top)
     if top.get("mqtt") is False:  # `mqtt = false` in a device file: local only, drop the profile's broker
         del top["mqtt"]
+    mq = top.get("mqtt")
+    if isinstance(mq, dict):  # `tls = false` / `credentials_file = false`: a plain mqtt:// broker on a profile
+        for key in UNSETTABLE_MQTT:
+            if mq.get(key) is False:
+                del mq[key]
     return top
 
 

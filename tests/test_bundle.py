@@ -119,4 +119,4 @@ def test_slim_into_existing_directory_and_errors_via_subprocess(
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 1 and r.stdout == ""
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "not a directory" in lines[0] and "Traceback" not in r.stderr
+    assert len(lines) == 1 and "does not exist" in lines[0] and "Traceback" not in r.stderr

@@ -8,11 +8,14 @@ imports the export stage (torch). Each module exposes ``add_arguments(parser)`` 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
+from .. import __version__
 from ..errors import EdgeRetrievalError
 
 # command -> (module, one-line help). Modules live where their job lives.
@@ -36,6 +39,44 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one error line and a "did you mean" for a mistyped option
+    (argparse's own ``suggest_on_error`` exists only from Python 3.14)."""
+
+    def _options(self) -> list[str]:
+        opts = []
+        for a in self._actions:
+            opts += a.option_strings
+            if isinstance(a, argparse._SubParsersAction):  # options of `bundle verify` etc.
+                for sub in a.choices.values():
+                    opts += sub._options() if isinstance(sub, Parser) else []
+        return opts
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201
+        self._argv = list(sys.argv[1:] if args is None else args)  # for error(): which tokens were typed
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        opts = self._options()
+        hints = []
+        for tok in getattr(self, "_argv", []):
+            name = tok.split("=")[0]
+            if not name.startswith("--") or any(o.startswith(name) for o in opts):
+                continue  # a value, or a known option (or an abbreviation argparse accepts)
+            close = difflib.get_close_matches(name, opts, n=1)
+            if close:
+                hints.append(f"{close[0]} for {name}")
+        if hints:
+            message += f" (did you mean {', '.join(hints)}?)"
+        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
+
+
+def suggest_command(cmd: str) -> str:
+    """' (did you mean ...?)' for a mistyped command, or ''."""
+    close = difflib.get_close_matches(cmd, list(COMMANDS), n=2)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+
+
 def _load(cmd: str):  # noqa: ANN202
     module, _ = COMMANDS[cmd]
     return importlib.import_module(module)
@@ -49,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    p.add_argument("--version", action="version", version=f"edge-retrieval {__version__}")
     p.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND", help="see the list below")
     return p
 
@@ -63,10 +105,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()
         return 0 if argv else 2
+    if argv[0] == "--version":
+        print(f"edge-retrieval {__version__}")
+        return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
-        top.print_usage(sys.stderr)
-        print(f"edge-retrieval: error: unknown command {cmd!r}", file=sys.stderr)
+        print(f"edge-retrieval: error: unknown command {cmd!r}{suggest_command(cmd)} "
+              "(see: edge-retrieval --help)", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=logging.WARNING - 10 * min(verbose, 2),
@@ -74,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         mod = _load(cmd)
-        sub = argparse.ArgumentParser(prog=f"edge-retrieval {cmd}", description=COMMANDS[cmd][1])
+        sub = Parser(prog=f"edge-retrieval {cmd}", description=COMMANDS[cmd][1])
         mod.add_arguments(sub)
         args = sub.parse_args(rest)
         return int(mod.main(args) or 0)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 from pydantic import ValidationError
 
 from ..bundle import Bundle, load_bundle
@@ -71,7 +72,10 @@ class Daemon:
         lat: float | None = None,
         lon: float | None = None,
         clips: ClipWriter | None = None,
+        on_scores: Callable[[float, float, list[str], np.ndarray | None], None] | None = None,
     ) -> None:
+        # per window: (start_s, end_s, query ids, scores or None when gated/idle/failed), for `run --scores`
+        self.on_scores = on_scores
         self.bundle, self.source, self.device_id = bundle, source, device_id
         self.site, self.lat, self.lon = site, lat, lon
         self.clock = clock  # returns the clock status: "synced" | "unsynced" | "unknown"
@@ -101,7 +105,8 @@ class Daemon:
         self.sink_errors = 0
         self.busy_s = 0.0  # wall seconds the inference thread spent on windows
         self.cpu_s = 0.0  # CPU seconds of the inference thread (onnxruntime runs in it with 1 thread)
-        self.audio_s = 0.0
+        self.audio_s = 0.0  # seconds of stream the windows advanced over (hops; the RTF basis)
+        self.source_s = 0.0  # seconds of audio read from the source
         self.stage_s = self.pipeline.stage_s  # CPU seconds per stage (decode and window counted here)
         self.started: float | None = None
         self.t0_wall: float | None = None  # wall clock at stream offset 0
@@ -187,6 +192,7 @@ class Daemon:
                     lag = block.size / self.source.sample_rate if live else 0.0
                     self.t0_wall = time.time() - lag
                     self.t0_mono = time.monotonic() - lag
+                self.source_s += block.shape[0] / self.source.sample_rate
                 if self.history is not None:
                     self.history.append(block)
                 for tick in self.pipeline.push(block):
@@ -265,7 +271,12 @@ class Daemon:
 
     def _process(self, batch: list[Tick]) -> None:
         t_start, c_start = time.perf_counter(), time.thread_time()
-        transitions = self.pipeline.step(batch)
+        snap, rows = self.pipeline.score(batch)
+        if self.on_scores is not None:
+            ids = [q.query_id for q in snap.queries]
+            for tick, row in zip(batch, rows, strict=True):
+                self.on_scores(tick.start_s, tick.end_s, ids, row)
+        transitions = self.pipeline.detect(snap, batch, rows)
         t0 = time.thread_time()
         for tr in transitions:
             self._transition(tr)
@@ -375,6 +386,7 @@ class Daemon:
             "query_ids": sorted(q.query_id for q in self.matcher.snapshot.queries),
             "step_s": self.step_s,
             "audio_s": round(self.audio_s, 3),
+            "source_s": round(self.source_s, 3),
             "uptime_s": round(time.monotonic() - self.started, 3) if self.started else 0.0,
             "stage_cpu_s": {k: round(v, 4) for k, v in self.stage_s.items()},
             "source": {"name": self.source.name, "rate": self.source.sample_rate, **src_stats,
@@ -394,6 +406,7 @@ class Daemon:
         bundle: Bundle | None = None,
         clock: Callable[[], str] | None = None,
         source: Source | None = None,
+        on_scores: Callable[[float, float, list[str], np.ndarray | None], None] | None = None,
     ) -> Daemon:
         """The daemon a ``DeviceConfig`` describes: the one constructor of ``run``, the service and tests.
 
@@ -428,6 +441,7 @@ class Daemon:
             lat=cfg.device.lat,
             lon=cfg.device.lon,
             clips=clips,
+            on_scores=on_scores,
         )
 
 

@@ -242,6 +242,8 @@ class MicSource:
         try:
             info = sd.query_devices(device, "input")
         except (ValueError, sd.PortAudioError) as exc:
+            if device is None:
+                raise SourceError(f"no default input device (microphone) is available: {_short(exc)}") from exc
             raise SourceError(f"input device {device!r} not found: {_short(exc)}") from exc
         self.in_rate = int(rate or info["default_samplerate"])
         self.sample_rate = int(target_rate or self.in_rate)

@@ -272,6 +272,10 @@ class ArchiveIndex:
         self.path = self.dir / INDEX_NAME
         if not self.path.is_file():
             if not create:
+                inner = self.dir / DEFAULT_INDEX_DIR
+                if (inner / INDEX_NAME).is_file():
+                    raise ConfigError(f"{str(self.dir)!r} is the recordings folder; its index is {str(inner)!r} "
+                                      f"(pass --index {inner})")
                 raise ConfigError(
                     f"index {str(self.dir)!r} has no {INDEX_NAME}; build it with: edge-retrieval index DIR --bundle B"
                 )
@@ -415,10 +419,11 @@ class ArchiveIndex:
     # ----------------------------------------------------------------- reading
 
     def stats(self) -> dict[str, object]:
-        files, windows = self.db.execute("SELECT COUNT(*), COALESCE(SUM(n_windows), 0) FROM files").fetchone()
+        files, windows, timed = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(n_windows), 0), COUNT(start_epoch) FROM files").fetchone()
         failed = self.db.execute("SELECT COUNT(*) FROM failures").fetchone()[0]
         return {"files": files, "windows": windows, "failed": failed, "space_id": self.space_id,
-                "bundle": self.meta("bundle_name")}
+                "bundle": self.meta("bundle_name"), "timed_files": timed}
 
     def failures(self) -> list[tuple[str, str]]:
         return list(self.db.execute("SELECT path, message FROM failures ORDER BY path"))
@@ -430,9 +435,12 @@ class ArchiveIndex:
         since: float | None = None,
         until: float | None = None,
         site: str | None = None,
+        cosine: bool = False,
     ) -> list[Hit]:
         """Best ``top`` windows for one query. Date filters keep windows whose absolute start is in
-        [since, until) and so drop files with no known start time; ``site`` matches exactly."""
+        [since, until) and so drop files with no known start time; ``site`` matches exactly.
+        ``cosine`` scores labels windows by the cosine of their probabilities with the query
+        (search by example: the nearest sound, not the loudest on the example's labels)."""
         if queries.space_id != self.space_id:
             raise QueryRejected(
                 f"query space id {queries.space_id[:12]}... differs from index space id {str(self.space_id)[:12]}..."
@@ -468,7 +476,7 @@ class ArchiveIndex:
                 q, w = dense_q[expert]
                 if q.size != dim:
                     raise QueryRejected(f"query vector for {expert!r} has dimension {q.size}, index has {dim}")
-                scores += (w / wsum) * _score(kind, dim, k, n, data, indices, q)
+                scores += (w / wsum) * _score(kind, dim, k, n, data, indices, q, cosine)
             offsets = np.asarray([o for (o,) in self.db.execute(
                 "SELECT offset_s FROM windows WHERE file_id = ? ORDER BY idx", (fid,))], np.float64)
             keep = np.ones(n, bool)
@@ -513,12 +521,16 @@ def _unpack(kind: str, dim: int, k: int, n: int, data: bytes, indices: bytes | N
     return out
 
 
-def _score(kind: str, dim: int, k: int, n: int, data: bytes, indices: bytes | None, q: np.ndarray) -> np.ndarray:
+def _score(kind: str, dim: int, k: int, n: int, data: bytes, indices: bytes | None, q: np.ndarray,
+           cosine: bool = False) -> np.ndarray:
     if kind == "dense":
         return np.frombuffer(data, "<f2").reshape(n, dim).astype(np.float32) @ q
     idx = np.frombuffer(indices or b"", "<u2").reshape(n, k)
     probs = np.frombuffer(data, "<f2").reshape(n, k).astype(np.float32)
-    return (probs * q[idx]).sum(axis=1)
+    s = (probs * q[idx]).sum(axis=1)
+    if cosine:
+        s /= np.maximum(np.linalg.norm(probs, axis=1) * np.linalg.norm(q), 1e-12)
+    return s
 
 
 # --------------------------------------------------------------------------- indexing a folder

@@ -65,9 +65,13 @@ DETECTION_COLUMNS = (*EVENT_COLUMNS, "clip_path")
 class ServerStore:
     """The server's SQLite database (WAL: the CLI reads while the server writes)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, create: bool = True) -> None:
+        """``create=False`` for readers: a mistyped path must fail, not leave an empty database."""
         self.path = Path(path).expanduser()
         self._lock = threading.Lock()
+        if not create and not self.path.is_file():
+            raise StoreError(f"no server database at {str(self.path)!r} (expected the --db the server writes; "
+                             "set --db or $EDGE_RETRIEVAL_DB)")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=15)

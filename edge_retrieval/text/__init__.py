@@ -31,6 +31,27 @@ class Resolution:
     fit: float  # best similarity of the text to anything the expert knows (cosine)
     warning: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    fits: bool = True  # False when ``fit`` is below the expert's calibrated floor: it will hardly score
+
+
+# What ``explain`` prints under its table: users read "fit 1.000" as "will be heard".
+FIT_MEANING = (
+    "fit: the best cosine similarity between the text and anything an expert knows (its label texts, "
+    "or the captions it was trained on); 1.0 means the text names a label outright. It says the text "
+    "was understood, not that the sound occurs or scores high: scores come from the audio."
+)
+
+
+def query_warnings(text: str, resolutions: list[Resolution]) -> list[str]:
+    """The warnings of a resolved query, per expert, then for the whole query (one place for
+    ``explain``, ``run`` and ``alerts add``): "may never fire" only when no expert fits."""
+    out = [f"{r.expert}: {r.warning}" for r in resolutions if r.warning]
+    if not any(r.fits for r in resolutions):
+        out.append(f"{text.strip()!r} fits no expert of this bundle: the query may never fire")
+    if not text.isascii():
+        out.append(f"{text.strip()!r} has non-English characters: the text side reads English only "
+                   "(describe the sound in English, e.g. 'chainsaw')")
+    return out
 
 
 class TextSide(ABC):

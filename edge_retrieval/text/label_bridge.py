@@ -226,7 +226,7 @@ class LabelBridge(TextSide):
         if fit < p.fit_floor:
             warning = (
                 f"{text!r} matches no {self.expert} label well (best cosine {fit:.2f} < floor "
-                f"{p.fit_floor:.2f}, nearest {self.names[nearest]!r}); the query may never fire"
+                f"{p.fit_floor:.2f}, nearest {self.names[nearest]!r}): this expert will hardly score it"
             )
         elif near_kind != top_kind:
             warning = (
@@ -249,6 +249,7 @@ class LabelBridge(TextSide):
             top=[(self.names[int(i)], float(x)) for i, x in zip(idx[:10], w[:10], strict=True)],
             fit=fit,
             warning=warning,
+            fits=fit >= p.fit_floor,
             extra={"top_kind": top_kind, "kind_mass": {k: round(v, 4) for k, v in mass.items() if v > 0}},
         )
 

@@ -151,7 +151,7 @@ class BridgeSide(TextSide):
         _, gates, res = self.moee.analyse(text)
         assert res is not None
         return Resolution(expert=res.expert, vector=res.vector, top=res.top, fit=res.fit, warning=res.warning,
-                          extra={**res.extra, "gate": float(gates[self.index])})
+                          extra={**res.extra, "gate": float(gates[self.index])}, fits=res.fits)
 
 
 @register_text_side("projected")

@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     a = sub.add_parser("add", help="register a text alert for a group or one device")
     a.add_argument("text", help='what to listen for, e.g. "chainsaw sound"')
-    a.add_argument("--threshold", type=float, help="score threshold (default: the bundle's default_threshold)")
+    a.add_argument("--threshold", type=float,
+                   help="score threshold (default: the tuned default for this text and bundle, as in run)")
     tgt = a.add_mutually_exclusive_group(required=True)
     tgt.add_argument("--group", help="every device whose config names this group")
     tgt.add_argument("--device", help="one device id")
@@ -84,16 +85,16 @@ def main(args: argparse.Namespace) -> int:
 def _add(args: argparse.Namespace) -> int:
     from ...bundle import load_bundle
     from ...policy import PolicyOverlay
-    from ...text import QueryBuilder
+    from ...text import QueryBuilder, query_warnings
 
     if not args.bundle:
         raise ConfigError("--bundle is required (the full bundle with its text side, or set $EDGE_RETRIEVAL_BUNDLE)")
     bundle = load_bundle(args.bundle, part="server")
     threshold = args.threshold
-    if threshold is None:
-        threshold = bundle.manifest.notes.get("default_threshold")
-        if threshold is None:
-            raise ConfigError("--threshold is required (this bundle names no default_threshold)")
+    if threshold is None:  # the same default `run --query` gives (tuned per query and space)
+        from ..defaults import default_threshold
+
+        threshold = default_threshold(bundle, args.text)
     try:
         policy = PolicyOverlay(min_hits=args.min_hits, of_windows=args.of_windows, cooldown_s=args.cooldown_s,
                                hysteresis=args.hysteresis)
@@ -118,9 +119,8 @@ def _add(args: argparse.Namespace) -> int:
         for r in res:
             top = ", ".join(f"{lab} {w:.2f}" for lab, w in r.top[:5])
             print(f"  {r.expert}: {top}  (fit {r.fit:.2f})")
-    for r in res:
-        if r.warning:
-            print(f"edge-retrieval alerts: warning: {r.expert}: {r.warning}", file=sys.stderr)
+    for w in query_warnings(args.text, res):
+        print(f"edge-retrieval alerts: warning: {w}", file=sys.stderr)
     return 0
 
 
@@ -138,7 +138,7 @@ def _remove(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     from ...server import ServerStore
 
-    store = ServerStore(args.db)
+    store = ServerStore(args.db, create=False)
     try:
         rows = store.alerts(include_deleted=args.all)
     finally:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ...bundle import load_bundle
+from ...errors import ConfigError
 from ...offline.archive import DEFAULT_INDEX_DIR, ArchiveIndex, index_folder
 
 
@@ -24,6 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # checked before the index is opened: opening creates DIR/.edge-retrieval-index
+    if not args.dir.exists():
+        raise ConfigError(f"archive folder {str(args.dir)!r} does not exist (expected a folder of recordings)")
+    if not args.dir.is_dir():
+        raise ConfigError(f"{str(args.dir)!r} is a file; index takes a folder of recordings "
+                          "(put the file in a folder and index that)")
     out = args.out or (args.dir / DEFAULT_INDEX_DIR)
     bundle = load_bundle(args.bundle, part="device")
 

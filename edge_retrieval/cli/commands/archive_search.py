@@ -18,6 +18,9 @@ from ...offline.archive import ArchiveIndex, open_search_bundle, parse_when
 from ...offline.query_audio import example_query
 from ...offline.retrieval import FileEmbedder, fmt_offset, text_queries
 
+# best score at or below this (float16 storage) counts as "nothing scored"
+NOTHING_SCORED = 1e-3
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("text", nargs="?", default=None, help="what to look for, in words")
@@ -47,11 +50,25 @@ def main(args: argparse.Namespace) -> int:
                 raise ConfigError("no --bundle given and the index does not record one")
             bundle = load_bundle(path, part="device")
             index.check_space(bundle.manifest)
-            query = example_query(FileEmbedder(bundle).embed_file(args.audio), bundle.manifest)
+            # nearest windows by cosine with the mean probabilities (sharpen 1): an example finds
+            # itself, where the linear score prefers louder sounds (README, "Query by example")
+            query = example_query(FileEmbedder(bundle).embed_file(args.audio), bundle.manifest, sharpen=1.0)
         else:
             bundle = open_search_bundle(index, args.bundle)
             query = text_queries(bundle, [args.text])[0]
-        hits = index.search(query, top=args.top, since=since, until=until, site=args.site)
+        hits = index.search(query, top=args.top, since=since, until=until, site=args.site,
+                            cosine=args.audio is not None)
+        stats = index.stats()
+    if not hits and (since is not None or until is not None) and not stats["timed_files"]:
+        raise ConfigError(
+            f"none of the {stats['files']} indexed files carries a start time, so --since/--until match nothing "
+            "(give recordings a start time: a GUANO Timestamp, a BWF bext origination time, the AudioMoth "
+            "comment, or a file name like 20240101_063000.wav; then re-run edge-retrieval index)"
+        )
+    if hits and max(h.score for h in hits) <= NOTHING_SCORED:
+        print(f"edge-retrieval search: warning: no window scored above {NOTHING_SCORED:g} for "
+              f"{query.text!r}: nothing indexed sounds like what it resolved to (see: edge-retrieval explain)",
+              file=sys.stderr)
     rows = [h.as_dict() for h in hits]
     if args.json:
         print(json.dumps({"query": query.text, "hits": rows}, indent=2))

@@ -18,6 +18,8 @@ from ...bundle import Bundle, load_bundle, slim_bundle
 from ...errors import BundleError, EdgeRetrievalError
 
 PROBE_TEXT = "a dog barking"
+# parity figures shown, when the exporter recorded them (they differ by expert kind)
+PARITY_KEYS = ("windows", "top1_agreement", "max_abs_logit_diff", "max_abs_diff")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,10 +74,24 @@ def verify(path: Path, threads: int = 1) -> dict[str, Any]:
     summary["checks"] = {"checksums": True, "experts": check_experts(bundle, threads), "text": check_text(bundle)}
     for e, spec in zip(summary["experts"], bundle.manifest.device.experts, strict=True):
         if spec.parity:
-            e["parity"] = {k: spec.parity[k] for k in ("windows", "top1_agreement", "max_abs_logit_diff")
-                           if k in spec.parity}
+            e["parity"] = {k: spec.parity[k] for k in PARITY_KEYS if k in spec.parity}
     summary["licence_note"] = bundle.manifest.licence_note
     return summary
+
+
+def _parity_text(par: dict[str, Any]) -> str:
+    """Whatever parity the exporter recorded (labels experts: top-1 and logits; embeddings: max diff)."""
+    parts = []
+    if "top1_agreement" in par:
+        parts.append(f"top-1 {par['top1_agreement']:.1%}")
+    if "max_abs_logit_diff" in par:
+        parts.append(f"max |logit diff| {par['max_abs_logit_diff']:.3g}")
+    if "max_abs_diff" in par:
+        parts.append(f"max |diff| {par['max_abs_diff']:.3g}")
+    if not parts:
+        return ""
+    n = f" over {par['windows']} windows" if "windows" in par else ""
+    return f"; parity {', '.join(parts)}{n}"
 
 
 def _print_summary(s: dict[str, Any]) -> None:
@@ -84,14 +100,13 @@ def _print_summary(s: dict[str, Any]) -> None:
     print(f"  licence   {s['licence']}" + (f" ({s['licence_note']})" if s.get("licence_note") else ""))
     print(f"  size      device {s['device_mb']} MB, total {s['total_mb']} MB, {s['files']} files; hop {s['hop_s']} s")
     for e in s["experts"]:
-        par = e.get("parity")
-        ptxt = (f"; parity top-1 {par['top1_agreement']:.1%} of {par['windows']} windows, "
-                f"max |logit diff| {par['max_abs_logit_diff']:.3g}") if par else ""
+        ptxt = _parity_text(e.get("parity") or {})
         print(f"  expert    {e['name']} ({e['family']}, {e['precision']}): {e['sample_rate']} Hz, "
               f"{e['window_s']} s windows, front end {e['frontend']}, {e['output']}, {e['mb']} MB{ptxt}")
     if s["server_part"]:
         for t in s["checks"]["text"]:
-            print(f"  text      {t['expert']}: {t['probe']!r} -> {t['top']!r} (cosine {t['fit']})")
+            to = repr(t["top"]) if t["top"] is not None else "a projected vector (no labels to name)"
+            print(f"  text      {t['expert']}: {t['probe']!r} -> {to} (fit {t['fit']})")
     else:
         print("  text      none (slim device bundle)")
 

@@ -197,5 +197,7 @@ def show(file: str, as_json: bool = False) -> int:
         print(json.dumps(data, indent=2))
     else:
         print(f"# merged config of {os.fspath(Path(file))} (profile {cfg.profile or 'none'}); secrets hidden")
+        if data.get("mqtt") is None:  # no broker is written `mqtt = false`, as in the device file
+            data = {**data, "mqtt": False}
         print(to_toml(data), end="")
     return 0

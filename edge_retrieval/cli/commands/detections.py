@@ -24,7 +24,7 @@ def main(args: argparse.Namespace) -> int:
     from ...server import ServerStore, parse_since
 
     since = parse_since(args.since) if args.since else None
-    store = ServerStore(args.db)
+    store = ServerStore(args.db, create=False)
     try:
         rows = store.detections(since, limit=args.limit)
     finally:

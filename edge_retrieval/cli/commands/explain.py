@@ -1,7 +1,8 @@
 """``edge-retrieval explain "rain" --bundle DIR``: what a text query resolves to, per expert.
 
 Shows the top labels (labels space) or nearest captions with their weights, the fit (best
-similarity of the text to anything the expert knows) and the text side's warning, if any.
+similarity of the text to anything the expert knows, explained under the table), the warnings,
+and the threshold ``run`` and ``alerts add`` give the query when none is passed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 from pathlib import Path
 
 from ...bundle import load_bundle
+from ...defaults import default_threshold
 from ...errors import QueryRejected
 
 
@@ -22,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ...text import QueryBuilder
+    from ...text import FIT_MEANING, QueryBuilder, query_warnings
 
     if not args.text.strip():
         raise QueryRejected("query text is empty (expected a few words, e.g. 'chainsaw sound')")
@@ -32,16 +34,21 @@ def main(args: argparse.Namespace) -> int:
     qb = QueryBuilder(bundle)
     res = qb.resolve(args.text)
     weights = qb.expert_weights(args.text, res)
+    threshold = default_threshold(bundle, args.text)
+    warnings = query_warnings(args.text, res)
     if args.json:
         out = {
             "text": args.text.strip(),
             "bundle": bundle.manifest.name,
             "space_id": bundle.manifest.space.id,
+            "default_threshold": threshold,
+            "warnings": warnings,
             "experts": [
                 {
                     "expert": r.expert,
                     "weight": round(w, 4),
                     "fit": round(float(r.fit), 4),
+                    "fits": r.fits,
                     "warning": r.warning,
                     "top": [[name, round(float(v), 4)] for name, v in r.top[: args.top]],
                 }
@@ -51,11 +58,16 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     print(f"query {args.text.strip()!r} on bundle {bundle.manifest.name} ({bundle.manifest.space.kind} space)")
+    print(f"default threshold {threshold:g} (what run and alerts add use without --threshold)")
     for r, w in zip(res, weights, strict=True):
-        print(f"\nexpert {r.expert} (weight {w:.2f}), fit {r.fit:.3f}")
+        print(f"\nexpert {r.expert} (weight {w:.2f}), fit {r.fit:.3f}" + ("" if r.fits else " (below its floor)"))
         if r.warning:
             print(f"  warning: {r.warning}")
         width = max((len(n) for n, _ in r.top[: args.top]), default=10)
         for name, v in r.top[: args.top]:
             print(f"  {name:<{width}}  {v:.4f}")
+    for line in warnings:
+        if not any(line == f"{r.expert}: {r.warning}" for r in res):  # per-expert ones are shown above
+            print(f"\nwarning: {line}")
+    print(f"\n{FIT_MEANING}")
     return 0

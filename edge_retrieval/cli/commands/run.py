@@ -26,7 +26,7 @@ from ...config import DeviceConfig, load_config, problems_of, validate_config
 from ...defaults import default_threshold
 from ...device.daemon import Daemon, source_from_config
 from ...device.sinks import JsonLinesSink, Sink, TableSink
-from ...errors import ConfigError, QueryRejected
+from ...errors import ConfigError, QueryRejected, SourceError
 from ...policy import PolicyOverlay
 from ...protocol import QueryMessage
 
@@ -58,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stdin-format", choices=["s16le", "f32le"], help="raw PCM format on stdin")
     p.add_argument("--max-batch", type=int, help="most windows per encoder call when behind")
     p.add_argument("--clips-dir", type=Path, help="write FLAC clips of detections here")
+    p.add_argument("--scores", action="store_true",
+                   help="print every window's score per query on stderr (to see how far below its threshold a sound stayed)")
     g = p.add_argument_group("detection policy (overrides the config's defaults)")
     g.add_argument("--min-hits", type=int, help="N: hits needed among --of-windows windows")
     g.add_argument("--of-windows", type=int, help="M: window span for N of M")
@@ -123,7 +125,7 @@ def local_queries(
     warn: Any = None,
 ) -> list[QueryMessage]:
     """Text specs -> query messages through the bundle's text side; prints resolution warnings."""
-    from ...text import QueryBuilder
+    from ...text import QueryBuilder, query_warnings
 
     qb = QueryBuilder(bundle)
     taken: set[str] = {s["id"] for s in specs if s.get("id")}
@@ -146,9 +148,9 @@ def local_queries(
                 raise ConfigError(f"policy of query {text!r}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from exc
         qid = s.get("id") or _slug(text, taken)
         msg, res = qb.build(text, qid, float(thr), policy=policy)
-        for r in res:
-            if r.warning and warn is not None:
-                warn(f"warning: query {text!r} ({r.expert}): {r.warning}")
+        if warn is not None:
+            for w in query_warnings(text, res):
+                warn(f"warning: query {text!r}: {w}")
         msgs.append(msg)
     return msgs
 
@@ -308,15 +310,33 @@ def main(args: argparse.Namespace) -> int:
     bundle = load_bundle(cfg.model.bundle, part="all" if specs else "device")
     cfg_thr = cfg.detection.threshold
     msgs = local_queries(bundle, specs, cfg_thr, warn=lambda line: print(line, file=err)) if specs else []
+    # start lines, printed once everything is validated (an error stays one line)
+    starts = [f"query {m.query_id!r}: {m.text!r}, threshold {m.threshold:g}" for m in msgs]
     if args.query_audio:
-        from ...offline.query_audio import query_from_audio
+        from ...offline.query_audio import EXAMPLE_ALPHA, WEAK_SELF_SCORE, example_from_audio
 
         taken = {m.query_id for m in msgs}
         for path in args.query_audio:
-            thr = args.threshold[0] if (args.threshold and not args.query) else default_threshold(bundle, "", cfg_thr)
-            msgs.append(query_from_audio(bundle, path, _slug(f"like-{path.stem}", taken), thr))
+            thr = args.threshold[0] if (args.threshold and not args.query) else None
+            msg, own = example_from_audio(bundle, path, _slug(f"like-{path.stem}", taken), thr)
+            how = "--threshold" if thr is not None else f"{EXAMPLE_ALPHA:g} x its self-score"
+            starts.append(f"query {msg.query_id!r} (example {path.name}): self-score {own:.3f}, threshold "
+                          f"{msg.threshold:.3f} ({how})")
+            if own < WEAK_SELF_SCORE:
+                starts.append(f"warning: example {path.name} scores only {own:.3f} against itself: the bundle "
+                              "hears little in it, and the query may fire on unrelated sounds")
+            elif own < msg.threshold:
+                starts.append(f"warning: example {path.name} scores {own:.3f} against itself, below its "
+                              f"threshold {msg.threshold:.3f}: it would not find itself")
+            msgs.append(msg)
 
-    source = source_from_config(cfg)
+    try:
+        source = source_from_config(cfg)
+    except SourceError as exc:
+        if args.source is not None or args.config is not None:
+            raise
+        raise SourceError(f"no --source given, so the microphone was chosen: {exc} (pass --source FILE for "
+                          "a recording, --source - for raw PCM on stdin, or --mic-device NAME)") from exc
     sinks: list[Sink] = []
     if args.json or args.json_updates:
         sinks.append(JsonLinesSink(updates=args.json_updates))
@@ -333,9 +353,12 @@ def main(args: argparse.Namespace) -> int:
                 "the system clock is not synchronised (device.require_clock_sync): events carry "
                 "clock=%r until NTP syncs; their times are corrected from then on", clock()
             )
-    daemon = Daemon.from_config(cfg, sinks, bundle=bundle, clock=clock, source=source)
+    on_scores = ScorePrinter({m.query_id: m.threshold for m in msgs}, err) if args.scores else None
+    daemon = Daemon.from_config(cfg, sinks, bundle=bundle, clock=clock, source=source, on_scores=on_scores)
     for m in msgs:
         daemon.apply_query(m)
+    for line in starts:
+        print(line, file=err)
 
     agent = None
     if mqtt:
@@ -367,6 +390,10 @@ def main(args: argparse.Namespace) -> int:
             s.close()
     h = daemon.health()
     print(summary_line(h), file=err)
+    window_s = max(e.window_s for e in bundle.manifest.device.experts)
+    if not source.live and 0 < h["source_s"] < window_s:
+        print(f"note: the recording ({h['source_s']:.2f} s) is shorter than the bundle's {window_s:g} s window: "
+              "it was scored once, padded with silence, so its scores may be lower than for a full window", file=err)
     if daemon.source_error:
         print(f"edge-retrieval run: error: {daemon.source_error}", file=err)
         return 1
@@ -381,10 +408,28 @@ def summary_line(h: dict[str, Any]) -> str:
     if isinstance(src, dict) and src.get("ring_overflow_samples"):
         extra = f", mic overflow {src['ring_overflow_samples']} samples"
     return (
-        f"summary: {h['audio_s']:.1f} s of audio, windows {h['windows']}, encoded {h['encoded']}, "
+        f"summary: {h.get('source_s', h['audio_s']):.2f} s of audio, windows {h['windows']}, encoded {h['encoded']}, "
         f"gated {h['gated']}, dropped {h['dropped']}, failed {h['failed']}, RTF {rtf_s}, "
         f"events {h['events']}{extra}"
     )
+
+
+class ScorePrinter:
+    """``run --scores``: one stderr line per window with each query's score and threshold."""
+
+    def __init__(self, thresholds: dict[str, float], stream: Any) -> None:
+        self.thresholds, self.stream = thresholds, stream
+
+    def __call__(self, start_s: float, end_s: float, ids: list[str], row: Any) -> None:
+        if row is None:
+            cols = "not scored (gated as silence, or no query)"
+        else:
+            cols = "  ".join(
+                f"{qid} {float(v):.4f}{'*' if float(v) >= self.thresholds.get(qid, float('inf')) else ''}"
+                f" (thr {self.thresholds[qid]:g})" if qid in self.thresholds else f"{qid} {float(v):.4f}"
+                for qid, v in zip(ids, row, strict=True)
+            )
+        print(f"scores {start_s:8.2f}-{end_s:8.2f} s  {cols}", file=self.stream, flush=True)
 
 
 def _cached(fn: Callable[[], str], ttl_s: float) -> Callable[[], str]:

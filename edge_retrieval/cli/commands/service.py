@@ -144,6 +144,31 @@ def render_unit(
     return text
 
 
+TMP_ROOTS = (Path("/tmp"), Path("/var/tmp"))
+
+
+def paths_under_tmp(cfg: DeviceConfig, config_path: Path, exec_path: Path) -> list[tuple[str, Path]]:
+    """Every path the service reads or writes that PrivateTmp would hide: (what, path)."""
+    named: list[tuple[str, Path | None]] = [
+        ("config", config_path), ("executable", exec_path), ("bundle (model.bundle)", cfg.model.bundle),
+        ("audio file (audio.path)", cfg.audio.path if cfg.audio.source == "file" else None),
+        ("state directory (storage.dir)", cfg.storage.dir), ("clips directory (clips.dir)", cfg.clips.dir),
+    ]
+    if cfg.mqtt is not None:
+        named += [("credentials file (mqtt.credentials_file)", cfg.mqtt.credentials_file),
+                  ("public key (mqtt.public_key_file)", cfg.mqtt.public_key_file)]
+        if cfg.mqtt.tls is not None:
+            named += [(f"TLS file (mqtt.tls.{k})", getattr(cfg.mqtt.tls, k)) for k in ("ca", "cert", "key")]
+    out = []
+    for what, p in named:
+        if p is None:
+            continue
+        ap = Path(os.path.abspath(Path(p).expanduser()))
+        if any(ap.is_relative_to(t) for t in TMP_ROOTS) and not any(ap.is_relative_to(q) for _, q in out):
+            out.append((what, ap))
+    return out
+
+
 def default_exec() -> Path:
     """The edge-retrieval script next to this interpreter (the venv's), else the one on PATH."""
     here = Path(sys.executable).parent / "edge-retrieval"
@@ -184,10 +209,9 @@ def main(args: argparse.Namespace) -> int:
     except OSError as exc:
         hint = " (run as root: sudo)" if isinstance(exc, PermissionError) else ""
         raise ConfigError(f"cannot write {str(unit)!r}: {exc.strerror}{hint}") from exc
-    if config_path.is_relative_to("/tmp") or config_path.is_relative_to("/var/tmp"):
-        print(
-            f"warning: {config_path} is under /tmp, which the unit hides (PrivateTmp): move it to /etc/edge-retrieval/"
-        )
+    for what, path in paths_under_tmp(cfg, config_path, exec_path):
+        print(f"warning: the {what} {path} is under /tmp, which the unit hides (PrivateTmp): "
+              "move it (e.g. to /etc/edge-retrieval/, /opt/edge-retrieval/ or /var/lib/edge-retrieval/)")
     print(f"wrote {unit}")
     print("enable and start it with:")
     print(f"  sudo systemctl daemon-reload && sudo systemctl enable --now {args.name}")
