@@ -92,7 +92,7 @@ def _add(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle, part="server")
     threshold = args.threshold
     if threshold is None:  # the same default `run --query` gives (tuned per query and space)
-        from ..defaults import default_threshold
+        from ...defaults import default_threshold
 
         threshold = default_threshold(bundle, args.text)
     try:

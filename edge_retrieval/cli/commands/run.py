@@ -307,6 +307,15 @@ def main(args: argparse.Namespace) -> int:
     if not specs and not args.query_audio and not mqtt:
         raise ConfigError("no queries: pass --query TEXT, --queries-file FILE or --query-audio FILE")
 
+    # the source first: a missing microphone or file is the first thing to say
+    try:
+        source = source_from_config(cfg)
+    except SourceError as exc:
+        if args.source is not None or args.config is not None:
+            raise
+        raise SourceError(f"no --source given, so the microphone was chosen: {exc} (pass --source FILE for "
+                          "a recording, --source - for raw PCM on stdin, or --mic-device NAME)") from exc
+
     bundle = load_bundle(cfg.model.bundle, part="all" if specs else "device")
     cfg_thr = cfg.detection.threshold
     msgs = local_queries(bundle, specs, cfg_thr, warn=lambda line: print(line, file=err)) if specs else []
@@ -330,13 +339,6 @@ def main(args: argparse.Namespace) -> int:
                               f"threshold {msg.threshold:.3f}: it would not find itself")
             msgs.append(msg)
 
-    try:
-        source = source_from_config(cfg)
-    except SourceError as exc:
-        if args.source is not None or args.config is not None:
-            raise
-        raise SourceError(f"no --source given, so the microphone was chosen: {exc} (pass --source FILE for "
-                          "a recording, --source - for raw PCM on stdin, or --mic-device NAME)") from exc
     sinks: list[Sink] = []
     if args.json or args.json_updates:
         sinks.append(JsonLinesSink(updates=args.json_updates))
