@@ -92,6 +92,7 @@ class QueryStore:
         self.applied: dict[str, int] = {}  # query id -> version applied in this process
         self.expires: dict[str, datetime] = {}  # applied query id -> when it expires
         self.waiting: dict[str, tuple[str, bytes]] = {}  # query id -> (topic, payload) held for the clock
+        self.clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)  # tests move it
         self.counts = {"applied": 0, "removed": 0, "unchanged": 0, "ignored": 0, "rejected": 0, "expired": 0}
         self.last_rejection: str | None = None
         self._lock = threading.Lock()
@@ -157,13 +158,14 @@ class QueryStore:
             self.counts["removed"] += 1
             log.info("query %s removed (tombstone v%d)", qid, msg.version)
             return "removed"
-        ahead = msg.created_ahead_s()
+        now = self.clock()
+        ahead = msg.created_ahead_s(now)
         if ahead > MAX_CLOCK_SKEW_S:
             if len(self.waiting) < MAX_WAITING or qid in self.waiting:
                 self.waiting[qid] = (topic, bytes(payload))
             raise QueryRejected(f"query {qid!r} v{msg.version} was created {ahead:.0f} s ahead of this device's clock "
                                 "(clock behind?); held until the clock catches up")
-        if msg.expired():
+        if msg.expired(now):
             self._drop(qid)
             raise QueryRejected(f"query {qid!r} v{msg.version} expired at {msg.expires}")
         self.target.apply_query(msg)  # compiles against the bundle; raises QueryRejected
@@ -183,9 +185,9 @@ class QueryStore:
             self.applied.pop(qid, None)
         self.expires.pop(qid, None)
 
-    def tick(self, now: datetime | None = None) -> None:
+    def tick(self) -> None:
         """Remove applied queries that have expired; retry messages held for a clock that was behind."""
-        now = now or datetime.now(timezone.utc)
+        now = self.clock()
         with self._lock:
             for qid in [q for q, t in self.expires.items() if now >= t]:
                 self._drop(qid)

@@ -91,6 +91,8 @@ class Webhook:
                              "body TEXT NOT NULL, created REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, "
                              "next_try REAL NOT NULL)")
             self._db.execute("CREATE INDEX IF NOT EXISTS queue_device ON queue(device, id)")
+            # a restart (often after fixing the URL) tries every waiting message once more right away
+            self._db.execute("UPDATE queue SET next_try=?", (time.time(),))
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open webhook queue {where!r}: {exc}") from exc
         self._thread = threading.Thread(target=self._run, name="webhook", daemon=True)

@@ -6,7 +6,6 @@ import argparse
 import csv
 import json
 import sys
-
 from typing import Any
 
 from ...protocol import printable
