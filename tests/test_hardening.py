@@ -318,3 +318,19 @@ def test_clock_behind_holds_the_query(tmp_path: Path, keys) -> None:
     qs.clock = lambda: real_now + timedelta(hours=2)
     qs.tick()
     assert target.active == {}
+
+
+def test_alerts_stored_before_topic_binding_are_re_signed(tmp_path: Path, keys) -> None:
+    from edge_retrieval.protocol import verify_signature
+    from edge_retrieval.server import AlertManager
+    from edge_retrieval.transport import MqttTransport
+
+    priv, pub = keys
+    store = ServerStore(tmp_path / "s.sqlite")
+    old = sign_message(_msg(group_query_topic("site-a", "beep"), 5, topic=None), priv)
+    store.save_alert("beep", "beep", "group", "site-a", old)
+    link = MqttTransport("mqtt://127.0.0.1:1", "unused")  # never started: publishes are skipped
+    AlertManager(store, link, priv).republish()
+    msg = QueryMessage.model_validate_json(store.alert("beep")["message"])
+    verify_signature(msg, pub)
+    assert msg.topic == group_query_topic("site-a", "beep") and msg.version > 5

@@ -181,13 +181,21 @@ class AlertManager:
             return 0
         n = 0
         for a in self.store.alerts(include_deleted=True):
+            topic = query_topic(a["target_kind"], a["target"], a["id"])
             try:
-                expired = not a["deleted"] and QueryMessage.model_validate_json(a["message"]).expired()
+                msg = QueryMessage.model_validate_json(a["message"])
             except ValueError:
-                expired = False  # a message stored by an older version: devices judge it
-            if expired:
+                msg = None  # stored by an older version: devices judge it
+            if msg is not None and not a["deleted"] and msg.expired():
                 continue  # expire_due replaces it by a tombstone
-            self.transport.publish(query_topic(a["target_kind"], a["target"], a["id"]), a["message"].encode(),
-                                   qos=1, retain=True)
+            payload = a["message"].encode()
+            if msg is not None and msg.topic is None and self.private_key is not None:
+                # stored before messages named their topic: devices now refuse it, so sign it again
+                # bound to its topic, with a higher version
+                msg = self._sign(msg.model_copy(update={"topic": topic, "version": next_version(msg.version)}))
+                self.store.save_alert(a["id"], a["text"], a["target_kind"], a["target"], msg, deleted=a["deleted"])
+                payload = msg.to_json()
+                log.info("alert %s re-signed for its topic (v%d)", a["id"], msg.version)
+            self.transport.publish(topic, payload, qos=1, retain=True)
             n += 1
         return n
