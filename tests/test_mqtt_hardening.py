@@ -273,9 +273,8 @@ def test_broker_outage_mid_stream(tmp_path, broker, tiny_bundle) -> None:
     priv, pub = generate(tmp_path / "keys")
     srv, store = start_server(broker.url, tmp_path / "server.sqlite")
     space = tiny_bundle.manifest.space.id
-    msg = _query(space, 1, group_query_topic("site-a", "beep"))
-    msg = msg.model_copy(update={"policy": {"cooldown_s": 0}})
-    msg = QueryMessage.model_validate(json.loads(msg.to_json()))
+    msg = QueryMessage.model_validate({**json.loads(_query(space, 1, group_query_topic("site-a", "beep")).to_json()),
+                                       "policy": {"cooldown_s": 0}})
     AlertManager(store, srv.transport, load_private_key(priv)).publish(msg, "group", "site-a")
     beeps = max(12, int(OUTAGE_S / 2.5) + 10)
     audio = beep_scene(tmp_path / "long.wav", beeps=beeps)

@@ -61,6 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="MQTT client id of the persistent session (the example broker config replaces it by the "
                         "account name, so no other account can take this session over)")
     p.add_argument("--clips-dir", type=Path, help="where received detection clips go (default: clips/ next to --db)")
+    p.add_argument("--clip-quota-mb", type=float, default=500.0,
+                   help="per device: its oldest clips are deleted beyond this many MB (default 500)")
+    p.add_argument("--clip-retention-days", type=float, default=90.0,
+                   help="clips older than this are deleted (default 90 days)")
     p.add_argument("--ha-discovery", action="store_true",
                    help="publish Home Assistant MQTT discovery: one binary_sensor per alert x device")
     p.add_argument("--ha-prefix", default="homeassistant", help="Home Assistant discovery prefix (default homeassistant)")
@@ -84,8 +88,12 @@ def main(args: argparse.Namespace) -> int:
     if args.ha_off_delay_s <= 0:
         raise ConfigError(f"--ha-off-delay-s {args.ha_off_delay_s!r} is not valid (expected seconds > 0)")
     ha = HaDiscovery(transport, store, args.ha_prefix, args.ha_off_delay_s) if args.ha_discovery else None
+    if args.clip_quota_mb <= 0 or args.clip_retention_days <= 0:
+        raise ConfigError(f"--clip-quota-mb {args.clip_quota_mb!r} / --clip-retention-days {args.clip_retention_days!r} "
+                          "are not valid (expected numbers > 0)")
     srv = FleetServer(store, transport, webhook=webhook, alerts=AlertManager(store, transport, key),
-                      space_id=space_id, clips_dir=args.clips_dir, ha=ha)
+                      space_id=space_id, clips_dir=args.clips_dir, ha=ha,
+                      clip_quota_bytes=int(args.clip_quota_mb * 1e6), clip_retention_days=args.clip_retention_days)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
