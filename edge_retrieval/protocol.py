@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError, QueryRejected
 from .policy import PolicyOverlay
@@ -33,6 +41,9 @@ MAX_QUERY_BYTES = 256 * 1024  # a 512-d f32 vector is ~2.8 kB of base64; be gene
 MAX_SPARSE = 64
 MAX_CLIP_BYTES = 2_000_000  # largest clip published (bytes); MQTT brokers often cap messages near here
 MAX_DENSE_DIM = 8192
+MAX_FIELD_CHARS = 256  # free-text fields of device messages (source, clip, site, reasons)
+MAX_DEVICE_MESSAGE_BYTES = 64 * 1024  # largest event or status payload a server reads
+MAX_CLOCK_SKEW_S = 300.0  # a query "created" further ahead of the device's clock waits (clock behind)
 
 
 def utcnow() -> str:
@@ -234,6 +245,16 @@ class QueryMessage(BaseModel):
     created: str = ""
     expires: str | None = None
     signature: str | None = None
+    # the query topic this message was signed for (binds the signature to its target and id);
+    # devices with a public key refuse a message that arrives on any other topic
+    topic: str | None = Field(default=None, max_length=300)
+
+    @field_validator("created", "expires")
+    @classmethod
+    def _time(cls, v: str | None) -> str | None:
+        if v:
+            parse_time(v)  # raises ValueError naming the expected form
+        return v
 
     @field_validator("schema_")
     @classmethod
@@ -273,16 +294,22 @@ class QueryMessage(BaseModel):
         return json.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True)).encode()
 
     def expired(self, now: datetime | None = None) -> bool:
-        if not self.expires:
-            return False
-        now = now or datetime.now(timezone.utc)
-        try:
-            exp = datetime.fromisoformat(self.expires.replace("Z", "+00:00"))
-        except ValueError:
-            return False
-        if exp.tzinfo is None:
-            exp = exp.replace(tzinfo=timezone.utc)
-        return now >= exp
+        return bool(self.expires) and (now or datetime.now(timezone.utc)) >= parse_time(self.expires or "")
+
+    def created_ahead_s(self, now: datetime | None = None) -> float:
+        """Seconds ``created`` lies ahead of ``now`` (> MAX_CLOCK_SKEW_S: this clock is behind)."""
+        if not self.created:
+            return 0.0
+        return (parse_time(self.created) - (now or datetime.now(timezone.utc))).total_seconds()
+
+
+def parse_time(text: str) -> datetime:
+    """A UTC ISO 8601 time from the wire (``Z`` or an offset; naive means UTC); ValueError otherwise."""
+    try:
+        t = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ValueError(f"time {str(text)[:40]!r} is not ISO 8601 (expected e.g. 2026-01-31T12:00:00Z)") from exc
+    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
 
 
 def parse_query_message(payload: bytes | str) -> QueryMessage:
@@ -308,6 +335,15 @@ def parse_query_message(payload: bytes | str) -> QueryMessage:
         err = exc.errors()[0]
         loc = _one_line(".".join(str(p) for p in err["loc"])) or "(message)"
         raise QueryRejected(f"query message field {loc}: {err['msg']}") from exc
+
+
+def printable(text: object, limit: int = 200) -> str:
+    """A device-supplied string made safe for a log line or a terminal: control and format characters
+    (newlines, escape sequences, bidi overrides) are written as escapes, and it is cut at ``limit``."""
+    t = str(text)
+    cut = len(t) > limit
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in t[:limit])
+    return out + ("..." if cut else "")
 
 
 def _one_line(text: str, limit: int = 120) -> str:
@@ -345,9 +381,10 @@ def verify_signature(msg: QueryMessage, public_key: Ed25519PublicKey) -> None:
 
 
 class _WireMessage(BaseModel):
-    """A device-to-server message: unknown fields refused, JSON without the unset ones."""
+    """A device-to-server message: unknown fields refused, NaN/Infinity refused, JSON without the
+    unset ones. Every string is bounded: a device must not grow the server's database at will."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True))
@@ -357,28 +394,34 @@ class Event(_WireMessage):
     """A detection. The onset message and later updates share ``event_id``; the server upserts."""
 
     schema_: int = Field(default=SCHEMA, alias="schema")
-    event_id: str
-    device: str
-    query_id: str
-    query: str
+    event_id: str = Field(pattern=NAME_PATTERN)
+    device: str = Field(pattern=NAME_PATTERN)
+    query_id: str = Field(pattern=NAME_PATTERN)
+    query: str = Field(max_length=500)  # the query text (QueryMessage.text has the same bound)
     score: float
     start_s: float
     end_s: float
-    time: str  # UTC ISO 8601 of the onset
+    time: str = Field(max_length=40)  # UTC ISO 8601 of the onset
     clock: Literal["synced", "unsynced", "unknown"] = "unknown"
-    source: str
-    final: bool = False  # True on the update that closes the event
-    clip: str | None = None
-    site: str | None = None
-    lat: float | None = None
-    lon: float | None = None
+    source: str = Field(max_length=MAX_FIELD_CHARS)
+    final: StrictBool = False  # True on the update that closes the event
+    clip: str | None = Field(default=None, max_length=MAX_FIELD_CHARS)
+    site: str | None = Field(default=None, max_length=MAX_FIELD_CHARS)
+    lat: float | None = Field(default=None, ge=-90, le=90)
+    lon: float | None = Field(default=None, ge=-180, le=180)
 
 
 def new_event_id() -> str:
     return uuid.uuid4().hex
 
 
+def _check_size(payload: bytes | str, what: str) -> None:
+    if len(payload) > MAX_DEVICE_MESSAGE_BYTES:
+        raise QueryRejected(f"{what} is {len(payload)} bytes, limit {MAX_DEVICE_MESSAGE_BYTES}")
+
+
 def parse_event(payload: bytes | str) -> Event:
+    _check_size(payload, "event")
     try:
         return Event.model_validate_json(payload)
     except ValidationError as exc:
@@ -400,17 +443,18 @@ class Status(_WireMessage):
 
     schema_: int = Field(default=SCHEMA, alias="schema")
     type: Literal["state", "health", "rejection"]
-    device: str
-    time: str = Field(default_factory=utcnow)
+    device: str = Field(pattern=NAME_PATTERN)
+    time: str = Field(default_factory=utcnow, max_length=40)
     state: Literal["online", "offline"] | None = None
     health: dict[str, Any] | None = None
-    topic: str | None = None  # rejection: where the message came from
-    query_id: str | None = None
+    topic: str | None = Field(default=None, max_length=300)  # rejection: where the message came from
+    query_id: str | None = Field(default=None, max_length=200)
     version: int | None = None
-    reason: str | None = None
+    reason: str | None = Field(default=None, max_length=500)
 
 
 def parse_status(payload: bytes | str) -> Status:
+    _check_size(payload, "status")
     try:
         return Status.model_validate_json(payload)
     except ValidationError as exc:

@@ -5,6 +5,12 @@ network thread (``loop_start``) reconnects with exponential backoff (``reconnect
 subscriptions are renewed on every connect, a retained "online" message is re-published on
 every connect and the broker publishes the retained last will when the link dies. Caller
 mistakes (a bad URL, a missing TLS file) raise TransportError / ConfigError at once.
+
+With ``manual_ack=True`` (the server) a QoS 1 message is acknowledged only after its handlers
+returned: a handler that raises StoreError (database full or unwritable) leaves it unacknowledged
+and it is handed to the handler again every ``retry_s`` seconds until it is stored; if the link
+drops first, the broker sends it again on the next (persistent) session. So nothing the broker
+delivered is acknowledged before it is stored.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from .errors import ConfigError, TransportError
+from .errors import ConfigError, StoreError, TransportError
 from .protocol import parse_broker_url
 
 if TYPE_CHECKING:
@@ -30,6 +36,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes, bool], None]  # topic, payload, retained
+MAX_DEFERRED = 1000  # unacknowledged messages held for a retry (the broker's inflight limit is lower)
+
+
+@dataclass(eq=False)
+class _Deferred:
+    """A received QoS 1 message a handler could not store yet (manual acks)."""
+
+    link: int  # the connection it arrived on: its mid means nothing on another one
+    mid: int
+    qos: int
+    topic: str
+    payload: bytes
+    retained: bool
+    handlers: list[MessageHandler]
 
 
 def read_credentials_file(path: str | Path) -> tuple[str, str]:
@@ -82,6 +102,8 @@ class MqttTransport:
         min_backoff_s: int = 1,
         max_backoff_s: int = 30,
         max_queued: int = 0,
+        manual_ack: bool = False,
+        retry_s: float = 5.0,
     ) -> None:
         self.address = parse_broker_url(url)
         if tls is not None and not self.address.tls:
@@ -99,6 +121,13 @@ class MqttTransport:
         self.last_error: str | None = None
         self.connects = 0
         self.disconnects = 0
+        self.manual_ack = manual_ack
+        self.retry_s = float(retry_s)
+        self._deferred: list[_Deferred] = []
+        self._link = 0  # bumped on every connect and disconnect
+        self._retry_thread: threading.Thread | None = None
+        self._retry_wake = threading.Event()
+        self.deferred_total = 0  # messages whose ack waited for a retry
 
         c = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -106,6 +135,7 @@ class MqttTransport:
             clean_session=clean_session,
             protocol=mqtt.MQTTv311,
             reconnect_on_failure=True,
+            manual_ack=manual_ack,
         )
         c.reconnect_delay_set(min_backoff_s, max_backoff_s)
         c.max_queued_messages_set(max_queued)
@@ -157,6 +187,10 @@ class MqttTransport:
         except (OSError, ValueError) as exc:
             raise TransportError(f"cannot connect to {self.address.url}: {exc}") from exc
         self._client.loop_start()
+        if self.manual_ack and self._retry_thread is None:
+            self._retry_wake.clear()
+            self._retry_thread = threading.Thread(target=self._retry_loop, name="mqtt-retry", daemon=True)
+            self._retry_thread.start()
 
     def stop(self, final: Will | None = None, timeout_s: float = 3.0) -> None:
         """Publish ``final`` (e.g. a retained "offline") if connected, then disconnect cleanly."""
@@ -169,6 +203,10 @@ class MqttTransport:
             except (RuntimeError, ValueError):
                 pass
         self.state = "stopped"
+        self._retry_wake.set()
+        if self._retry_thread is not None:
+            self._retry_thread.join(timeout=timeout_s)
+            self._retry_thread = None
         try:
             self._client.disconnect()
         finally:
@@ -255,6 +293,9 @@ class MqttTransport:
         self.state = "connected"
         self.last_error = None
         self.connects += 1
+        with self._lock:
+            self._link += 1
+            self._deferred.clear()  # the broker sends unacknowledged messages again on this session
         log.info("connected to %s as %s", self.address.url, self.client_id)
         if self._online is not None:
             client.publish(self._online.topic, self._online.payload, qos=self._online.qos, retain=self._online.retain)
@@ -272,6 +313,9 @@ class MqttTransport:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         was = self._connected.is_set()
         self._connected.clear()
+        with self._lock:
+            self._link += 1
+            self._deferred.clear()
         if self.state == "stopped":
             return
         if not was and self.state == "refused":
@@ -302,11 +346,53 @@ class MqttTransport:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
             handlers = [h for t, (_, h) in self._subs.items() if mqtt.topic_matches_sub(t, msg.topic)]
+            link = self._link
+        failed = self._run_handlers(handlers, msg.topic, bytes(msg.payload), bool(msg.retain))
+        if not self.manual_ack or msg.qos == 0:
+            return
+        if not failed:
+            client.ack(msg.mid, msg.qos)
+            return
+        with self._lock:
+            if link == self._link and len(self._deferred) < MAX_DEFERRED:
+                self._deferred.append(_Deferred(link, msg.mid, msg.qos, msg.topic, bytes(msg.payload),
+                                                bool(msg.retain), failed))
+                self.deferred_total += 1
+        # not acknowledged: retried below, or sent again by the broker on the next session
+
+    @staticmethod
+    def _run_handlers(handlers: list[MessageHandler], topic: str, payload: bytes, retained: bool) -> list[MessageHandler]:
+        """Run ``handlers``; returns those that raised StoreError (the message is not stored yet)."""
+        failed = []
         for h in handlers:
             try:
-                h(msg.topic, bytes(msg.payload), bool(msg.retain))
+                h(topic, payload, retained)
+            except StoreError as exc:
+                log.warning("message on %s not stored (%s); not acknowledged, will retry", topic[:200], exc)
+                failed.append(h)
             except Exception:  # noqa: BLE001 - one bad message must not stop the subscriber
-                log.exception("handler for %s failed", msg.topic)
+                log.exception("handler for %s failed", topic[:200])
+        return failed
+
+    def _retry_loop(self) -> None:
+        """Hand deferred messages to their handlers again until stored, then acknowledge them."""
+        while not self._retry_wake.wait(self.retry_s):
+            with self._lock:
+                todo = list(self._deferred)
+            for d in todo:
+                d.handlers = self._run_handlers(d.handlers, d.topic, d.payload, d.retained)
+                if d.handlers:
+                    continue
+                with self._lock:
+                    if d.link != self._link or d not in self._deferred:
+                        continue  # the link changed: the broker sends it again
+                    self._deferred.remove(d)
+                self._client.ack(d.mid, d.qos)
+
+    def deferred(self) -> int:
+        """Messages received but not yet stored, so not acknowledged (manual acks)."""
+        with self._lock:
+            return len(self._deferred)
 
 
 def wait_until(pred: Callable[[], bool], timeout_s: float, step_s: float = 0.05) -> bool:

@@ -26,6 +26,15 @@ MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exist
 EXAMPLES = Path(__file__).resolve().parent.parent / "firmware_config" / "examples"
 
 
+IDENTITY_KEYS = ("require_certificate", "use_identity_as_username", "use_username_as_clientid")
+
+
+def example_identity_lines() -> list[str]:
+    """Who a client is, as the shipped example config says it (certificate identity, client id)."""
+    lines = [ln.strip() for ln in (EXAMPLES / "mosquitto.conf").read_text().splitlines()]
+    return [ln for ln in lines if ln.split(" ", 1)[0] in IDENTITY_KEYS]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -88,8 +97,7 @@ class Broker:
                 f"cafile {tls.ca}",
                 f"certfile {tls.server_cert}",
                 f"keyfile {tls.server_key}",
-                "require_certificate true",
-                "use_identity_as_username false",
+                *example_identity_lines(),
                 "allow_anonymous false",
                 f"password_file {tls.password_file}",
             ]
@@ -215,7 +223,8 @@ def broker(tmp_path: Path):
         b.stop()
 
 
-TLS_USERS = {"server": "server-pw-1", "dev-1": "dev-1-pw", "dev-2": "dev-2-pw", "homeassistant": "ha-pw"}
+TLS_USERS = {"server": "server-pw-1", "alerts": "alerts-pw", "dev-1": "dev-1-pw", "dev-2": "dev-2-pw",
+             "homeassistant": "ha-pw"}
 
 
 @pytest.fixture(scope="session")
@@ -227,7 +236,8 @@ def tls_material(tmp_path_factory: pytest.TempPathFactory) -> TlsMaterial:
 
 @pytest.fixture
 def tls_broker(tmp_path: Path, tls_material: TlsMaterial):
-    """TLS + client certificates + passwords + the example ACL (users: server, dev-1, dev-2, homeassistant)."""
+    """TLS + client certificates + the example config's identity rules and ACL (users: server, alerts,
+    dev-1, dev-2, homeassistant)."""
     b = Broker(tmp_path / "tls-broker", tls=tls_material, acl=EXAMPLES / "mosquitto.acl")
     try:
         yield b

@@ -116,7 +116,7 @@ def start_server(url: str, db: Path, *, tls: TlsFiles | None = None, credentials
                  **kw: Any) -> tuple[FleetServer, ServerStore]:
     store = ServerStore(db)
     tr = MqttTransport(url, "edge-retrieval-server", tls=tls, credentials=credentials, clean_session=False,
-                       max_backoff_s=2)
+                       max_backoff_s=2, manual_ack=True, retry_s=0.5)
     srv = FleetServer(store, tr, **kw)
     srv.start()
     wait_for(lambda: tr.connected, 10, "server connection")

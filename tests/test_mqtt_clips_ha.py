@@ -99,6 +99,11 @@ def test_clips_survive_an_outage_and_decode_at_the_server(tmp_path, broker, tiny
 
 def test_clip_over_the_byte_cap_is_skipped_and_counted(tmp_path, broker) -> None:
     srv, store = start_server(broker.url, tmp_path / "server.sqlite")
+    from edge_retrieval.protocol import Event
+
+    # the server keeps clips of its detections only (issue 12 item 4)
+    store.upsert_event(Event(event_id="e-small", device="dev-x", query_id="q", query="beep", score=0.5, start_s=0,
+                             end_s=1, time="2026-01-01T00:00:00Z", source="file:x", final=True))
     tr = MqttTransport(broker.url, "dev-x", clean_session=True)
     q = ClipOutbox(tmp_path / "q.sqlite", tr, max_bytes=1000)
     big, small, gone = tmp_path / "big.flac", tmp_path / "small.flac", tmp_path / "gone.flac"
@@ -219,6 +224,11 @@ def test_example_acl_allows_clips_and_discovery(tmp_path, tls_broker, tls_materi
 
     f = tmp_path / "c.flac"
     sf.write(str(f), np.zeros(800), 8000, format="FLAC")
+    from edge_retrieval.protocol import Event, detections_topic
+
+    ev = Event(event_id="e1", device="dev-1", query_id="beep", query="beep", score=0.6, start_s=0, end_s=1,
+               time="2026-01-01T00:00:00Z", source="file:x", final=True)
+    dev.publish_wait(detections_topic("dev-1"), ev.to_json(), qos=1)  # clips only of its own detections
     dev.publish_wait(clip_topic("dev-1", "e1"), f.read_bytes(), qos=1)
     wait_for(lambda: srv.counts["clips"] == 1, 10, "the clip at the server")
     for t in (dev, hac):

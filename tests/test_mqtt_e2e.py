@@ -138,14 +138,15 @@ def test_alerts_cli_list_remove_and_detections(tmp_path, broker, tiny_bundle, ke
     assert cli_main(["alerts", "list", "--db", str(db), "--json"]) == 0
     listed = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert {x["id"] for x in listed} >= {a["id"]} and len(listed) == 2
-    # removal: a retained signed tombstone, then the retained topic is cleared
+    # removal: a signed tombstone that stays retained (devices booting later learn the removal)
     assert cli_main(["alerts", "remove", a["id"], "--broker", broker.url, "--db", str(db), "--key", str(priv)]) == 0
     capsys.readouterr()
     assert cli_main(["alerts", "list", "--db", str(db), "--json"]) == 0
     assert a["id"] not in capsys.readouterr().out
     retained = subprocess.run(["mosquitto_sub", "-p", str(broker.port), "-t", "edge-retrieval/v1/#", "-v",
                                "--retained-only", "-W", "1"], capture_output=True, text=True)
-    assert a["id"] not in retained.stdout  # cleared
+    kept = [ln.split(" ", 1) for ln in retained.stdout.splitlines() if a["id"] in ln]
+    assert len(kept) == 1 and json.loads(kept[0][1])["deleted"] is True and json.loads(kept[0][1])["topic"] == kept[0][0]
     # a bad id: one line, non-zero
     assert cli_main(["alerts", "remove", "nope", "--broker", broker.url, "--db", str(db)]) == 1
     err = capsys.readouterr().err.strip()

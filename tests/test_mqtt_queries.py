@@ -31,14 +31,15 @@ def query(bundle: Bundle, version: int, qid: str = "beep-1", label: int = 1, **k
     d: dict[str, object] = {
         "schema": 1, "query_id": qid, "version": version, "text": "beep", "space_id": bundle.manifest.space.id,
         "vectors": [encode_sparse("tones", np.array([label]), np.array([1.0])).model_dump(exclude_none=True)],
-        "weights": [1.0], "threshold": 0.5,
+        "weights": [1.0], "threshold": 0.5, "topic": group_query_topic("site-a", qid),
     }
     d.update(kw)
     return QueryMessage.model_validate(d)
 
 
 def tomb(version: int, qid: str = "beep-1") -> QueryMessage:
-    return QueryMessage.model_validate({"schema": 1, "query_id": qid, "version": version, "deleted": True})
+    return QueryMessage.model_validate({"schema": 1, "query_id": qid, "version": version, "deleted": True,
+                                        "topic": group_query_topic("site-a", qid)})
 
 
 @pytest.fixture

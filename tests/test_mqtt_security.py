@@ -73,7 +73,7 @@ def test_tls_auth_acl_and_signed_queries(tmp_path, tls_broker, tls_material, tin
     wait_for(lambda: rejected() == n + 1, 10, "the forged query's rejection")
     assert "bad signature" in agent.queries.last_rejection and daemon.matcher.get("beep").version == 10
     # 3. replay of an old, genuinely signed version after an update
-    old = sign_message(_query(space, 10), key).to_json()
+    old = sign_message(_query(space, 10, topic=TOPIC), key).to_json()
     alerts.publish(_query(space, 12, threshold=0.6), "group", "site-a")
     wait_for(lambda: daemon.matcher.get("beep").version == 12, 10, "the update")
     inject(old)
@@ -94,13 +94,14 @@ def test_tls_auth_acl_and_signed_queries(tmp_path, tls_broker, tls_material, tin
     alerts.remove("beep")
     wait_for(lambda: len(daemon.matcher) == 0, 10, "the signed removal")
 
-    # 6. ACL: a device cannot write queries, nor read another device's detections
-    creds1 = read_credentials_file(mat.credentials_file("dev-1"))
-    rogue = MqttTransport(tls_broker.url, "dev-1-rogue", tls=_tls(mat, "dev-1"), credentials=creds1,
+    # 6. ACL: a device (here dev-2, whose certificate is its account) cannot write queries, nor read
+    # another device's detections; it can read its own status topic
+    creds2 = read_credentials_file(mat.credentials_file("dev-2"))
+    rogue = MqttTransport(tls_broker.url, "dev-2-rogue", tls=_tls(mat, "dev-2"), credentials=creds2,
                           clean_session=True)
     seen: list[str] = []
-    rogue.subscribe(detections_topic("dev-2"), lambda t, p, r: seen.append(t))
-    rogue.subscribe(status_topic("dev-1"), lambda t, p, r: seen.append(t) if p == b"marker" else None)
+    rogue.subscribe(detections_topic("dev-1"), lambda t, p, r: seen.append(t))
+    rogue.subscribe(status_topic("dev-2"), lambda t, p, r: seen.append(t) if p == b"marker" else None)
     rogue.start()
     wait_for(lambda: rogue.connected, 10, "the rogue link")
     before = dict(agent.queries.counts)
@@ -110,18 +111,18 @@ def test_tls_auth_acl_and_signed_queries(tmp_path, tls_broker, tls_material, tin
     alerts.publish(_query(space, 60, query_id="marker"), "group", "site-a")
     wait_for(lambda: daemon.matcher.get("marker") is not None, 10, "the marker query")
     assert agent.queries.counts["rejected"] == before["rejected"]  # the rogue message never arrived
-    srv.transport.publish_wait(detections_topic("dev-2"), b"{}", qos=1)
-    srv.transport.publish_wait(status_topic("dev-1"), b"marker", qos=1)  # readable by dev-1
-    wait_for(lambda: status_topic("dev-1") in seen, 10, "the marker on dev-1's own status topic")
-    assert detections_topic("dev-2") not in seen
+    srv.transport.publish_wait(detections_topic("dev-1"), b"{}", qos=1)
+    srv.transport.publish_wait(status_topic("dev-2"), b"marker", qos=1)  # readable by dev-2
+    wait_for(lambda: status_topic("dev-2") in seen, 10, "the marker on dev-2's own status topic")
+    assert detections_topic("dev-1") not in seen
     rogue.stop()
 
-    # 7. wrong password: refused, reported as a state, never an exception
-    bad = MqttTransport(tls_broker.url, "dev-1-bad", tls=_tls(mat, "dev-1"), credentials=("dev-1", "wrong"))
-    bad.start()
-    wait_for(lambda: bad.state == "refused", 10, "the refusal")
-    assert not bad.connected and "not authorized" in (bad.last_error or "").lower()
-    bad.stop()
+    # 7. the certificate is the account (use_identity_as_username): a password, even a wrong one or
+    # another account's name, changes nothing; without a client certificate nobody gets in
+    other = MqttTransport(tls_broker.url, "dev-1-other", tls=_tls(mat, "dev-1"), credentials=("server", "wrong"))
+    other.start()
+    wait_for(lambda: other.connected, 10, "dev-1's certificate connecting")
+    other.stop()
     with pytest.raises(TransportError, match="not reachable"):
         bad2 = MqttTransport(tls_broker.url, "x", tls=TlsFiles(mat.ca), credentials=("dev-1", "wrong"))
         bad2.start()

@@ -84,7 +84,7 @@ def _link(tmp_path: Path, broker, name: str = "ob") -> tuple[Outbox, MqttTranspo
     tr.add_connect_callback(ob.on_connected)
     tr.add_disconnect_callback(ob.on_disconnected)
     tr.add_publish_callback(ob.on_ack)
-    ob.attach(lambda topic, payload: tr.publish(topic, payload, qos=1))
+    ob.attach(lambda topic, payload: tr.publish_tracked(topic, payload, qos=1))
     return ob, tr
 
 

@@ -87,9 +87,16 @@ def test_unit_written_hardened_and_verified(files: dict[str, Path], tmp_path: Pa
         "Environment=EDGE_RETRIEVAL_ORT_CACHE=/var/lib/edge-retrieval/ort-cache",  # writable under strict
         "DeviceAllow=char-alsa rw",
         "WantedBy=multi-user.target",
+        # restarts never stop for good (a microphone gone for minutes); issue 12 item 10
+        "StartLimitIntervalSec=0",
+        "RestrictRealtime=true",
+        "ProtectProc=invisible",
+        "SystemCallFilter=~@privileged @resources",
+        "SystemCallErrorNumber=EPERM",
     ):
         assert line in text.splitlines(), line
     assert "@" not in "".join(x for x in text.splitlines() if not x.startswith(("SystemCallFilter", "#")))
+    assert "StartLimitBurst" not in text
     assert stat.S_IMODE(unit.stat().st_mode) == 0o644
     r = verify(unit)
     assert r.returncode == 0 and not our_warnings(r, unit), r.stdout + r.stderr
@@ -140,7 +147,8 @@ def test_gpu_profile_leaves_device_nodes_open(files: dict[str, Path], tmp_path: 
     assert r.returncode == 0, r.stderr
     text = (units / "edge-retrieval.service").read_text()
     directives = [x for x in text.splitlines() if not x.startswith("#")]
-    assert not any(x.startswith(("DevicePolicy", "DeviceAllow", "ProtectClock")) for x in directives)
+    assert "DevicePolicy=closed" in directives and "DeviceAllow=/dev/nvmap rw" in directives
+    assert "DeviceAllow=char-alsa rw" in directives and not any(x.startswith("ProtectClock") for x in directives)
     assert "ProtectSystem=strict" in directives
     r = verify(units / "edge-retrieval.service")
     assert r.returncode == 0, r.stdout + r.stderr

@@ -76,6 +76,21 @@ class _Bucket:
         return False
 
 
+class _AfterEvents:
+    """The transport as the clip queue sees it: "connected" only while no event waits in the outbox,
+    so a clip reaches the server after its detection (the server refuses clips of unknown events)."""
+
+    def __init__(self, transport: MqttTransport, outbox: Outbox) -> None:
+        self._transport, self._outbox = transport, outbox
+
+    @property
+    def connected(self) -> bool:
+        return self._transport.connected and self._outbox.depth() == 0
+
+    def publish_tracked(self, topic: str, payload: bytes, qos: int = 1) -> Any:
+        return self._transport.publish_tracked(topic, payload, qos=qos)
+
+
 class DeviceAgent:
     """Sink + query subscriber + health publisher for one device (see module docstring)."""
 
@@ -114,7 +129,7 @@ class DeviceAgent:
         self.outbox.attach(self._send)
         clips = getattr(daemon, "clips", None)
         self.clip_dir: Path | None = Path(clips.dir) if clips is not None else None
-        self.clip_outbox = ClipOutbox(storage / "clip_outbox.sqlite", self.transport)
+        self.clip_outbox = ClipOutbox(storage / "clip_outbox.sqlite", _AfterEvents(self.transport, self.outbox))
         self.transport.add_connect_callback(self.clip_outbox.wake)
         if attach:
             daemon.add_sink(self)
@@ -169,8 +184,8 @@ class DeviceAgent:
 
     # ------------------------------------------------------------------ internals
 
-    def _send(self, topic: str, payload: bytes) -> int | None:
-        return self.transport.publish(topic, payload, qos=1)
+    def _send(self, topic: str, payload: bytes) -> Any:
+        return self.transport.publish_tracked(topic, payload, qos=1)
 
     def _on_connect(self) -> None:
         self.transport.publish(
@@ -188,9 +203,14 @@ class DeviceAgent:
         self.transport.publish(self.status_topic, status.to_json(), qos=0, retain=False)
 
     def _health_loop(self) -> None:
+        """Every second: expire queries (QueryStore.tick); every health interval: publish health."""
         interval = float(self.cfg.mqtt.health_interval_s)
-        while not self._stop.wait(interval):
-            self.publish_health()
+        due = time.monotonic() + interval
+        while not self._stop.wait(min(1.0, interval)):
+            self.queries.tick()
+            if time.monotonic() >= due:
+                due = max(due + interval, time.monotonic())
+                self.publish_health()
 
     def health(self) -> dict[str, Any]:
         """Everything the server tracks about this device (also the body of the health message)."""

@@ -38,7 +38,7 @@ from ..pipeline.expert import AudioExpert
 from ..pipeline.matcher import Matcher
 from ..pipeline.windows import Tick
 from ..policy import PolicyOverlay
-from ..protocol import Event, QueryMessage
+from ..protocol import MAX_FIELD_CHARS, Event, QueryMessage
 from .clips import ClipWriter
 from .ringbuffer import AudioHistory
 from .sinks import Sink
@@ -312,7 +312,7 @@ class Daemon:
             end_s=round(ev.end_s, 3),
             time=_iso(t0 + ev.start_s),
             clock=clock,  # type: ignore[arg-type]
-            source=self.source.name,
+            source=self.source.name[:MAX_FIELD_CHARS],
             final=tr.final,
             site=self.site,
             lat=self.lat,

@@ -1,7 +1,9 @@
 """Persistent outbox: detections wait on disk (SQLite, WAL) until the broker acknowledges them.
 
-An event row is deleted only when paho reports the PUBACK for the mid it was last sent under,
-so a broker outage, a lost link or a ``kill -9`` of the daemon loses nothing: unacknowledged
+An event row is deleted only when the broker acknowledged the very publish it was last sent
+under (paho's MQTTMessageInfo of that publish reports ``is_published()``; acks of other
+publishes on the link, health or clips, are never collected, and a wrapped message id cannot
+delete a newer row), so a broker outage, a lost link or a ``kill -9`` of the daemon loses nothing: unacknowledged
 rows are sent again after every (re)connect and every restart (the server upserts by
 ``event_id``, so a repeat is harmless). The outbox holds at most ``max_events`` rows; when full
 the oldest row is dropped, counted (persisted) and reported in the device's health.
@@ -15,21 +17,31 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from ..errors import StoreError
 from .sqlite_queue import SqliteQueue
 
 log = logging.getLogger(__name__)
 
-# publish(topic, payload) -> mid, or None when the link is down
-PublishFn = Callable[[str, bytes], "int | None"]
+
+class Delivery(Protocol):
+    """The handle of one publish (paho's MQTTMessageInfo): true once the broker acknowledged it."""
+
+    def is_published(self) -> bool: ...
+
+
+# publish(topic, payload) -> the publish's handle, or None when the link is down
+PublishFn = Callable[[str, bytes], "Delivery | None"]
+ACK_POLL_S = 0.02  # how often in-flight handles are checked while some are outstanding (seconds)
 
 
 class Outbox:
     """Bounded on-disk queue of (topic, payload) rows, at most ``max_events`` rows (events).
 
     ``window`` is the most rows in flight (sent, not yet acknowledged) at once. A pump thread
-    sends rows in insertion order whenever the link is up; ``on_ack(mid)`` deletes a row.
+    sends rows in insertion order whenever the link is up and deletes a row once its publish's
+    handle says it was acknowledged; ``on_ack`` only wakes the pump.
     An unsent row for the same ``key`` (event id) is replaced in place by a newer payload, so
     an onset and its final update that both wait out an outage travel as one message.
     """
@@ -47,9 +59,8 @@ class Outbox:
         self._db = self._q.db
         self._lock = self._q.lock
         self._wake = self._q.wake
-        self._inflight: dict[int, int] = {}  # mid -> row id
+        self._inflight: dict[int, Delivery] = {}  # row id -> its publish's handle (at most ``window``)
         self._sent_rows: set[int] = set()  # row ids sent (or being sent) on the current link
-        self._early_acks: set[int] = set()  # mids acknowledged before the pump recorded them
         self._link = 0  # bumped on every connect / disconnect
         self._publish: PublishFn | None = None
         self._online = False
@@ -91,7 +102,6 @@ class Outbox:
         """A fresh link: everything unacknowledged is sent again."""
         with self._lock:
             self._link += 1
-            self._early_acks.clear()
             self._inflight.clear()
             self._sent_rows.clear()
             self._online = True
@@ -105,14 +115,15 @@ class Outbox:
             self._sent_rows.clear()
 
     def on_ack(self, mid: int) -> None:
-        """The broker acknowledged ``mid``: the row is delivered and leaves the disk."""
+        """The broker acknowledged some publish on the link: let the pump look at its handles.
+        (paho marks the handle published just after this callback, so the pump polls briefly.)"""
         with self._lock:
-            rid = self._inflight.pop(mid, None)
-            if rid is None:
-                # the ack can overtake the pump's bookkeeping (publish runs outside our lock)
-                if len(self._early_acks) < 4 * self.window:
-                    self._early_acks.add(mid)
-                return
+            self._wake.notify_all()
+
+    def _sweep(self) -> None:
+        """Delete the rows whose publish was acknowledged (lock held)."""
+        for rid in [r for r, info in self._inflight.items() if info.is_published()]:
+            del self._inflight[rid]
             self._delete(rid)
 
     def _delete(self, rid: int) -> None:
@@ -124,8 +135,10 @@ class Outbox:
         # publish() runs outside our lock: paho calls on_publish (-> on_ack) under its own mutex
         while True:
             with self._lock:
+                self._sweep()
                 while not self._stop and not (self._online and len(self._inflight) < self.window and self._has_unsent()):
-                    self._wake.wait(1.0)
+                    self._wake.wait(ACK_POLL_S if self._inflight else 1.0)
+                    self._sweep()
                 if self._stop:
                     return
                 rows = self._next_unsent(self.window - len(self._inflight))
@@ -135,23 +148,19 @@ class Outbox:
             for i, (rid, topic, payload) in enumerate(rows):
                 assert self._publish is not None
                 try:
-                    mid = self._publish(topic, payload)
+                    info = self._publish(topic, payload)
                 except Exception as exc:  # noqa: BLE001 - e.g. oversize: keep the row, log it
                     log.warning("outbox: cannot send row %d to %s: %s", rid, topic, exc)
-                    mid = None
+                    info = None
                 with self._lock:
-                    if mid is None or link != self._link:
+                    if info is None or link != self._link:
                         for r, _, _ in rows[i:]:
                             self._sent_rows.discard(r)
-                        if mid is None and link == self._link:
+                        if info is None and link == self._link:
                             self._online = False  # link went down; on_connected resumes
                         break
                     self.sent += 1
-                    if mid in self._early_acks:
-                        self._early_acks.discard(mid)
-                        self._delete(rid)
-                    else:
-                        self._inflight[mid] = rid
+                    self._inflight[rid] = info  # deleted by _sweep once acknowledged
                     try:
                         self._db.execute("UPDATE outbox SET attempts = attempts + 1 WHERE id=?", (rid,))
                     except sqlite3.Error:

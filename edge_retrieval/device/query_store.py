@@ -6,6 +6,13 @@ that the version is newer than the one held (persisted in SQLite, so a replay af
 is still refused), then ``daemon.apply_query`` (which compiles against the bundle) or, for a
 signed tombstone, ``daemon.remove_query``. Every refusal is counted and handed to ``report``
 (the agent publishes it on the device's status topic). Nothing here raises to the caller.
+
+A signed message must name the topic it arrived on (its target and id are covered by the
+signature). Expiry is enforced continuously: ``tick()`` (called every second by the agent)
+removes applied queries whose ``expires`` has passed. A message ``created`` more than
+``MAX_CLOCK_SKEW_S`` ahead of this device's clock means the clock is behind (no RTC, no NTP yet):
+it is refused, reported, and tried again by ``tick()`` once the clock has caught up, because a
+clock that is behind would also keep expired queries alive.
 """
 
 from __future__ import annotations
@@ -16,16 +23,27 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from ..errors import QueryRejected, StoreError
-from ..protocol import QueryMessage, Status, parse_query_message, parse_topic, verify_signature
+from ..protocol import (
+    MAX_CLOCK_SKEW_S,
+    QueryMessage,
+    Status,
+    parse_query_message,
+    parse_time,
+    parse_topic,
+    verify_signature,
+)
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 log = logging.getLogger(__name__)
+
+MAX_WAITING = 256  # messages held for a clock that is behind (messages)
 
 
 class QueryTarget(Protocol):
@@ -75,7 +93,10 @@ class QueryStore:
         self.public_key = public_key
         self.report = report
         self.applied: dict[str, int] = {}  # query id -> version applied in this process
-        self.counts = {"applied": 0, "removed": 0, "unchanged": 0, "ignored": 0, "rejected": 0}
+        self.expires: dict[str, datetime] = {}  # applied query id -> when it expires
+        self.waiting: dict[str, tuple[str, bytes]] = {}  # query id -> (topic, payload) held for the clock
+        self.clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)  # tests move it
+        self.counts = {"applied": 0, "removed": 0, "unchanged": 0, "ignored": 0, "rejected": 0, "expired": 0}
         self.last_rejection: str | None = None
         self._lock = threading.Lock()
         try:
@@ -113,6 +134,13 @@ class QueryStore:
             raise QueryRejected(f"message for query {msg.query_id!r} arrived on the topic of {qid!r}", )
         if self.public_key is not None:
             verify_signature(msg, self.public_key)
+            if msg.topic is None:
+                raise QueryRejected(f"query {qid!r} v{msg.version} does not name its topic (expected a message "
+                                    "signed by a server that binds it to its target)")
+        if msg.topic is not None and msg.topic != topic:
+            raise QueryRejected(f"query {qid!r} v{msg.version} was signed for {msg.topic[:200]!r}, not this topic "
+                                "(replayed on another target)")
+        self.waiting.pop(qid, None)
         digest = hashlib.sha256(msg.signing_bytes()).hexdigest()
         held = self._held(qid)
         if held is not None:
@@ -128,31 +156,66 @@ class QueryStore:
                     self.counts["unchanged"] += 1
                     return "unchanged"
         if msg.deleted:
-            if qid in self.applied:
-                self.target.remove_query(qid)
-                self.applied.pop(qid, None)
+            self._drop(qid)
             self._record(qid, msg.version, True, digest)
             self.counts["removed"] += 1
             log.info("query %s removed (tombstone v%d)", qid, msg.version)
             return "removed"
-        if msg.expired():
-            if qid in self.applied:
-                self.target.remove_query(qid)
-                self.applied.pop(qid, None)
+        now = self.clock()
+        ahead = msg.created_ahead_s(now)
+        if ahead > MAX_CLOCK_SKEW_S:
+            if len(self.waiting) < MAX_WAITING or qid in self.waiting:
+                self.waiting[qid] = (topic, bytes(payload))
+            raise QueryRejected(f"query {qid!r} v{msg.version} was created {ahead:.0f} s ahead of this device's clock "
+                                "(clock behind?); held until the clock catches up")
+        if msg.expired(now):
+            self._drop(qid)
             raise QueryRejected(f"query {qid!r} v{msg.version} expired at {msg.expires}")
         self.target.apply_query(msg)  # compiles against the bundle; raises QueryRejected
         self.applied[qid] = msg.version
+        if msg.expires:
+            self.expires[qid] = parse_time(msg.expires)
+        else:
+            self.expires.pop(qid, None)
         self._record(qid, msg.version, False, digest)
         self.counts["applied"] += 1
         log.info("query %s v%d applied: %r (threshold %s)", qid, msg.version, msg.text, msg.threshold)
         return "applied"
 
+    def _drop(self, qid: str) -> None:
+        if qid in self.applied:
+            self.target.remove_query(qid)
+            self.applied.pop(qid, None)
+        self.expires.pop(qid, None)
+
+    def tick(self) -> None:
+        """Remove applied queries that have expired; retry messages held for a clock that was behind."""
+        now = self.clock()
+        with self._lock:
+            for qid in [q for q, t in self.expires.items() if now >= t]:
+                self._drop(qid)
+                self.counts["expired"] += 1
+                log.info("query %s expired; removed", qid)
+            for qid, (topic, payload) in list(self.waiting.items()):
+                try:
+                    if parse_query_message(payload).created_ahead_s(now) > MAX_CLOCK_SKEW_S:
+                        continue
+                except (QueryRejected, ValueError):
+                    pass
+                self.waiting.pop(qid, None)
+                try:
+                    self._handle(topic, payload)
+                except QueryRejected as exc:
+                    self._reject(topic, str(exc))
+                except Exception as exc:  # noqa: BLE001 - the ticker must survive anything
+                    log.exception("held query %s could not be handled", qid)
+                    self._reject(topic, f"internal error: {type(exc).__name__}: {str(exc)[:200]}")
+
     def _empty(self, topic: str, qid: str) -> str:
         """A cleared retained topic. With a key it removes nothing by itself (tombstones do)."""
         if self.public_key is None:
             if qid in self.applied:
-                self.target.remove_query(qid)
-                self.applied.pop(qid, None)
+                self._drop(qid)
                 self.counts["removed"] += 1
                 return "removed"
             self.counts["ignored"] += 1

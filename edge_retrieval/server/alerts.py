@@ -1,7 +1,11 @@
 """Alerts: text -> signed query message, published retained (QoS 1) under the group or device.
 
 Devices that boot later receive every query, and the server never needs a list of devices.
-Removal publishes a signed tombstone with a higher version, then clears the topic.
+Every message names the topic it is published on (``topic``, covered by the signature), so a
+message signed for one device or group cannot be replayed on another. Removal publishes a signed
+tombstone with a higher version and leaves it retained: a device that boots later (new or
+re-flashed) learns the removal too and refuses any older version replayed to it. Expired
+alerts are no longer republished.
 """
 
 from __future__ import annotations
@@ -125,38 +129,76 @@ class AlertManager:
             raise ConfigError(
                 f"alert {msg.query_id!r} already targets {held['target_kind']} {held['target']!r}; remove it first"
             )
-        signed = self._sign(msg)
-        self._publish(query_topic(kind, target, msg.query_id), signed.to_json())
+        topic = query_topic(kind, target, msg.query_id)
+        signed = self._sign(msg.model_copy(update={"topic": topic}))
+        self._publish(topic, signed.to_json())
         self.store.save_alert(msg.query_id, msg.text, kind, target, signed)
         a = self.store.alert(msg.query_id)
         assert a is not None
         return a
 
     def remove(self, alert_id: str) -> dict[str, Any]:
-        """Signed tombstone with a higher version, then clear the retained topic."""
+        """Signed tombstone with a higher version, left retained (see the module docstring)."""
         held = self.store.alert(alert_id)
         if held is None or held["deleted"]:
             known = ", ".join(a["id"] for a in self.store.alerts()) or "none"
             raise ConfigError(f"no active alert {alert_id!r} (active: {known})")
-        tomb = QueryMessage.model_validate({"schema": 1, "query_id": alert_id, "version": next_version(held["version"]),
-                                            "deleted": True, "created": utcnow()})
-        signed = self._sign(tomb)
         topic = query_topic(held["target_kind"], held["target"], alert_id)
-        self._publish(topic, signed.to_json())
-        self._publish(topic, b"")  # clear the retained topic: later devices see nothing at all
+        tomb = QueryMessage.model_validate({"schema": 1, "query_id": alert_id, "version": next_version(held["version"]),
+                                            "deleted": True, "created": utcnow(), "topic": topic})
+        signed = self._sign(tomb)
+        self._publish(topic, signed.to_json())  # stays retained: it outranks every older version
         self.store.save_alert(alert_id, held["text"], held["target_kind"], held["target"], signed, deleted=True)
         a = self.store.alert(alert_id)
         assert a is not None
         return a
 
-    def republish(self) -> int:
-        """Re-publish every active alert as stored (same version and signature: devices see no change).
-        Restores the retained queries if the broker lost them."""
-        if self.transport is None:
+    def expire_due(self) -> int:
+        """Replace every expired alert by a signed tombstone (published without waiting, so it may run
+        on the MQTT thread): devices whose clock is behind drop it too. Returns how many."""
+        if self.transport is None or not self.transport.connected:
             return 0
         n = 0
         for a in self.store.alerts():
-            self.transport.publish(query_topic(a["target_kind"], a["target"], a["id"]), a["message"].encode(),
-                                   qos=1, retain=True)
+            try:
+                msg = QueryMessage.model_validate_json(a["message"])
+            except ValueError:
+                continue
+            if not msg.expired():
+                continue
+            topic = query_topic(a["target_kind"], a["target"], a["id"])
+            tomb = self._sign(QueryMessage.model_validate({
+                "schema": 1, "query_id": a["id"], "version": next_version(a["version"]), "deleted": True,
+                "created": utcnow(), "topic": topic}))
+            if self.transport.publish(topic, tomb.to_json(), qos=1, retain=True) is None:
+                break  # the link went down; next time
+            self.store.save_alert(a["id"], a["text"], a["target_kind"], a["target"], tomb, deleted=True)
+            log.info("alert %s expired at %s; removed (tombstone v%d)", a["id"], msg.expires, tomb.version)
+            n += 1
+        return n
+
+    def republish(self) -> int:
+        """Re-publish every alert and tombstone as stored (same version and signature: devices see no
+        change), except expired alerts. Restores the retained queries if the broker lost them."""
+        if self.transport is None:
+            return 0
+        n = 0
+        for a in self.store.alerts(include_deleted=True):
+            topic = query_topic(a["target_kind"], a["target"], a["id"])
+            try:
+                msg = QueryMessage.model_validate_json(a["message"])
+            except ValueError:
+                msg = None  # stored by an older version: devices judge it
+            if msg is not None and not a["deleted"] and msg.expired():
+                continue  # expire_due replaces it by a tombstone
+            payload = a["message"].encode()
+            if msg is not None and msg.topic is None and self.private_key is not None:
+                # stored before messages named their topic: devices now refuse it, so sign it again
+                # bound to its topic, with a higher version
+                msg = self._sign(msg.model_copy(update={"topic": topic, "version": next_version(msg.version)}))
+                self.store.save_alert(a["id"], a["text"], a["target_kind"], a["target"], msg, deleted=a["deleted"])
+                payload = msg.to_json()
+                log.info("alert %s re-signed for its topic (v%d)", a["id"], msg.version)
+            self.transport.publish(topic, payload, qos=1, retain=True)
             n += 1
         return n

@@ -1,6 +1,9 @@
-"""Server store (SQLite, WAL): detections upserted by ``event_id``, device status, alerts, notices.
+"""Server store (SQLite, WAL): detections upserted by ``(device, event_id)``, device status, alerts,
+notices, clips.
 
-An onset and its final update merge; a late or repeated onset never undoes a final update.
+An onset and its final update merge; a late or repeated onset never undoes a final update. A
+detection and its clip are keyed by the device that sent them too, so one device can never touch
+another device's detection by reusing its event id.
 Notices record a device that went offline, low disk, an unsynchronised clock, a refused query.
 """
 
@@ -32,10 +35,11 @@ log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS detections (
-    event_id TEXT PRIMARY KEY, device TEXT NOT NULL, query_id TEXT NOT NULL, query TEXT NOT NULL,
+    event_id TEXT NOT NULL, device TEXT NOT NULL, query_id TEXT NOT NULL, query TEXT NOT NULL,
     score REAL NOT NULL, start_s REAL NOT NULL, end_s REAL NOT NULL, time TEXT NOT NULL,
     clock TEXT NOT NULL, source TEXT NOT NULL, final INTEGER NOT NULL, clip TEXT,
-    site TEXT, lat REAL, lon REAL, received TEXT NOT NULL, updated TEXT NOT NULL, messages INTEGER NOT NULL
+    site TEXT, lat REAL, lon REAL, received TEXT NOT NULL, updated TEXT NOT NULL, messages INTEGER NOT NULL,
+    PRIMARY KEY (device, event_id)
 );
 CREATE INDEX IF NOT EXISTS detections_received ON detections(received);
 CREATE TABLE IF NOT EXISTS devices (
@@ -48,7 +52,8 @@ CREATE TABLE IF NOT EXISTS alerts (
     created TEXT NOT NULL, deleted INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS clips (
-    event_id TEXT PRIMARY KEY, device TEXT NOT NULL, path TEXT NOT NULL, bytes INTEGER NOT NULL, received TEXT NOT NULL
+    event_id TEXT NOT NULL, device TEXT NOT NULL, path TEXT NOT NULL, bytes INTEGER NOT NULL, received TEXT NOT NULL,
+    PRIMARY KEY (device, event_id)
 );
 CREATE TABLE IF NOT EXISTS notices (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, device TEXT NOT NULL, kind TEXT NOT NULL,
@@ -77,9 +82,25 @@ class ServerStore:
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=15)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open server database {str(self.path)!r}: {exc}") from exc
+
+    def _migrate(self) -> None:
+        """Databases written before detections and clips were keyed by (device, event_id): rebuild
+        those two tables with the new key, rows kept."""
+        for table in ("detections", "clips"):
+            pk = [r[1] for r in self._db.execute(f"PRAGMA table_info({table})") if r[5]]
+            if pk != ["event_id"]:
+                continue
+            cols = ", ".join(r[1] for r in self._db.execute(f"PRAGMA table_info({table})"))
+            self._db.execute(f"ALTER TABLE {table} RENAME TO {table}_v0")
+            self._db.execute("DROP INDEX IF EXISTS detections_received")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {table}_v0")
+            self._db.execute(f"DROP TABLE {table}_v0")
+            log.info("server database: %s now keyed by (device, event_id)", table)
 
     def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         try:
@@ -91,14 +112,14 @@ class ServerStore:
     # ------------------------------------------------------------------ detections
 
     def upsert_event(self, ev: Event) -> bool:
-        """Insert or merge by ``event_id``; True when the event is new. Merging keeps the highest
+        """Insert or merge by ``(device, event_id)``; True when the event is new. Merging keeps the highest
         score, the latest end, and ``final`` once set (a late onset never undoes an update)."""
         now = utcnow()
         with self._lock:
             try:
                 cur = self._db.execute(
                     "INSERT INTO detections VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,1) "
-                    "ON CONFLICT(event_id) DO UPDATE SET "
+                    "ON CONFLICT(device, event_id) DO UPDATE SET "
                     "score=max(score, excluded.score), "
                     "end_s=CASE WHEN excluded.final >= final THEN max(end_s, excluded.end_s) ELSE end_s END, "
                     "final=max(final, excluded.final), clip=coalesce(excluded.clip, clip), "
@@ -115,15 +136,35 @@ class ServerStore:
     def detection_devices(self) -> list[str]:
         return [r[0] for r in self._exec("SELECT DISTINCT device FROM detections").fetchall()]
 
+    def has_detection(self, device: str, event_id: str) -> bool:
+        return self._exec("SELECT 1 FROM detections WHERE device=? AND event_id=?", (device, event_id)).fetchone() is not None
+
     def save_clip(self, event_id: str, device: str, path: Path, size: int) -> None:
-        """Record a received clip (it may arrive before or after its event's messages)."""
-        self._exec("INSERT INTO clips VALUES (?,?,?,?,?) ON CONFLICT(event_id) DO UPDATE SET "
+        """Record a received clip of one of ``device``'s detections."""
+        self._exec("INSERT INTO clips VALUES (?,?,?,?,?) ON CONFLICT(device, event_id) DO UPDATE SET "
                    "path=excluded.path, bytes=excluded.bytes, received=excluded.received",
                    (event_id, device, str(path), int(size), utcnow()))
 
+    def prune_clips(self, device: str, max_bytes: int, max_age_days: float) -> list[Path]:
+        """Forget ``device``'s clips older than ``max_age_days`` and its oldest beyond ``max_bytes``
+        (bytes, over all its clips); returns their files for the caller to delete."""
+        cutoff = (datetime.now(timezone.utc) - timedelta(days=max_age_days)).isoformat(timespec="milliseconds")
+        cutoff = cutoff.replace("+00:00", "Z")
+        rows = self._exec("SELECT event_id, path, bytes, received FROM clips WHERE device=? "
+                          "ORDER BY received DESC, event_id", (device,)).fetchall()
+        total, gone = 0, []
+        for eid, path, size, received in rows:
+            total += int(size)
+            if total > max_bytes or received < cutoff:
+                gone.append((eid, path))
+        for eid, _ in gone:
+            self._exec("DELETE FROM clips WHERE device=? AND event_id=?", (device, eid))
+        return [Path(p) for _, p in gone]
+
     def detections(self, since: datetime | None = None, limit: int = 100_000) -> list[dict[str, Any]]:
         cols = ", ".join(f"d.{c}" for c in EVENT_COLUMNS)
-        sql = f"SELECT {cols}, c.path FROM detections d LEFT JOIN clips c ON c.event_id = d.event_id"
+        sql = (f"SELECT {cols}, c.path FROM detections d "
+               "LEFT JOIN clips c ON c.device = d.device AND c.event_id = d.event_id")
         args: tuple[Any, ...] = ()
         if since is not None:
             sql += " WHERE d.received >= ?"
@@ -168,13 +209,15 @@ class ServerStore:
         rows = self._exec(sql + " ORDER BY id", tuple(args)).fetchall()
         return [{"time": t, "device": d, "kind": k, "detail": json.loads(x) if x else None} for t, d, k, x in rows]
 
-    def apply_status(self, st: Status) -> list[dict[str, Any]]:
-        """Record a status message; returns the notices it raised (state changes, not repeats)."""
+    def apply_status(self, st: Status, notice: bool = True) -> list[dict[str, Any]]:
+        """Record a status message; returns the notices it raised (state changes, not repeats).
+        ``notice=False`` records a rejection without a notice row (the caller's rate limit)."""
         prev = self.device(st.device)
         notices: list[dict[str, Any]] = []
         now = utcnow()
         if st.type == "rejection":
-            notices.append(self.add_notice(st.device, "rejection", {"query_id": st.query_id, "reason": st.reason}))
+            if notice:
+                notices.append(self.add_notice(st.device, "rejection", {"query_id": st.query_id, "reason": st.reason}))
             if prev is None:
                 self._exec("INSERT INTO devices (device, state, last_seen) VALUES (?,?,?)", (st.device, "online", now))
             else:
@@ -182,8 +225,11 @@ class ServerStore:
             return notices
         state = st.state or "online"
         was = prev["state"] if prev else None
-        low_disk = bool(st.health.get("low_disk")) if st.health else (prev["low_disk"] if prev else False)
-        clock = str(st.health.get("clock", "unknown")) if st.health else (prev["clock"] if prev else "unknown")
+        # strict: only JSON true is true (bool("no") would raise a false low-disk notice)
+        low_disk = st.health.get("low_disk") is True if st.health else (prev["low_disk"] if prev else False)
+        clock = st.health.get("clock") if st.health else (prev["clock"] if prev else "unknown")
+        if clock not in ("synced", "unsynced", "unknown"):
+            clock = "unknown"
         offline_since = prev["offline_since"] if prev else None
         if state == "offline" and was != "offline":
             offline_since = now
@@ -194,7 +240,9 @@ class ServerStore:
             offline_since = None
         if st.health is not None:
             if low_disk and not (prev and prev["low_disk"]):
-                notices.append(self.add_notice(st.device, "low_disk", {"free_mb": st.health.get("free_mb")}))
+                free = st.health.get("free_mb")
+                free = free if isinstance(free, int | float) and not isinstance(free, bool) else None
+                notices.append(self.add_notice(st.device, "low_disk", {"free_mb": free}))
             if clock == "unsynced" and not (prev and prev["clock"] == "unsynced"):
                 notices.append(self.add_notice(st.device, "clock_unsynced", None))
         health = json.dumps(st.health) if st.health is not None else (json.dumps(prev["health"]) if prev and prev["health"] else None)

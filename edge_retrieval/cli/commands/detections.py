@@ -6,9 +6,22 @@ import argparse
 import csv
 import json
 import sys
+from typing import Any
 
+from ...protocol import printable
 from ...server import DETECTION_COLUMNS
 from .server import add_db_argument
+
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs a cell starting with these
+
+
+def csv_cell(value: Any) -> Any:
+    """A device-supplied string made safe for a spreadsheet: control characters escaped and a
+    leading formula character quoted with ``'`` (numbers stay numbers)."""
+    if not isinstance(value, str):
+        return value
+    v = printable(value, 10_000)
+    return "'" + v if v.startswith(FORMULA_PREFIXES) else v
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
     elif args.csv:
         w = csv.DictWriter(sys.stdout, fieldnames=list(DETECTION_COLUMNS))
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)
     else:
         if not rows:
             print("no detections")
@@ -43,6 +56,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"{'time (UTC)':<25} {'device':<16} {'score':>5}  {'start_s':>9} {'end_s':>9}  {'':<5} query")
         for r in rows:
             state = "final" if r["final"] else "open"
-            print(f"{r['time']:<25} {r['device']:<16} {r['score']:>5.2f}  {r['start_s']:>9.1f} {r['end_s']:>9.1f}"
-                  f"  {state:<5} {r['query']}")
+            print(f"{printable(r['time'], 40):<25} {printable(r['device'], 64):<16} {r['score']:>5.2f}  "
+                  f"{r['start_s']:>9.1f} {r['end_s']:>9.1f}  {state:<5} {printable(r['query'], 500)}")
     return 0

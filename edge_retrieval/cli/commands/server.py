@@ -36,7 +36,8 @@ def add_broker_arguments(p: argparse.ArgumentParser, key_help: str) -> None:
     add_db_argument(p)
 
 
-def transport_from_args(args: argparse.Namespace, client_id: str, clean_session: bool) -> MqttTransport:
+def transport_from_args(args: argparse.Namespace, client_id: str, clean_session: bool,
+                        manual_ack: bool = False) -> MqttTransport:
     if not args.broker:
         raise ConfigError("--broker is required (expected mqtt://host:1883 or mqtts://host:8883, or set $EDGE_RETRIEVAL_BROKER)")
     tls = None
@@ -47,7 +48,8 @@ def transport_from_args(args: argparse.Namespace, client_id: str, clean_session:
             raise ConfigError("give both --cert and --cert-key, or neither")
         tls = TlsFiles(args.ca, args.cert, args.cert_key)
     creds = read_credentials_file(args.credentials) if args.credentials else None
-    return MqttTransport(args.broker, client_id, tls=tls, credentials=creds, clean_session=clean_session)
+    return MqttTransport(args.broker, client_id, tls=tls, credentials=creds, clean_session=clean_session,
+                         manual_ack=manual_ack)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,8 +57,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model bundle (checks that stored alerts fit its space)")
     add_broker_arguments(p, "Ed25519 private key (PEM) that signs queries (only used to check it loads)")
     p.add_argument("--webhook", help="POST detections and device notices as JSON to this http(s) URL")
-    p.add_argument("--client-id", default="edge-retrieval-server", help="MQTT client id (persistent session)")
+    p.add_argument("--client-id", default="edge-retrieval-server",
+                   help="MQTT client id of the persistent session (the example broker config replaces it by the "
+                        "account name, so no other account can take this session over)")
     p.add_argument("--clips-dir", type=Path, help="where received detection clips go (default: clips/ next to --db)")
+    p.add_argument("--clip-quota-mb", type=float, default=500.0,
+                   help="per device: its oldest clips are deleted beyond this many MB (default 500)")
+    p.add_argument("--clip-retention-days", type=float, default=90.0,
+                   help="clips older than this are deleted (default 90 days)")
     p.add_argument("--ha-discovery", action="store_true",
                    help="publish Home Assistant MQTT discovery: one binary_sensor per alert x device")
     p.add_argument("--ha-prefix", default="homeassistant", help="Home Assistant discovery prefix (default homeassistant)")
@@ -74,19 +82,24 @@ def main(args: argparse.Namespace) -> int:
         space_id = read_manifest(args.bundle).space.id
     key = load_private_key(args.key) if args.key else None
     store = ServerStore(args.db)
-    transport = transport_from_args(args, args.client_id, clean_session=False)
-    webhook = Webhook(args.webhook) if args.webhook else None
+    # manual acks: a detection is acknowledged to the broker only once it is in the database
+    transport = transport_from_args(args, args.client_id, clean_session=False, manual_ack=True)
+    webhook = Webhook(args.webhook, store.path.with_name(store.path.name + ".webhook")) if args.webhook else None
     if args.ha_off_delay_s <= 0:
         raise ConfigError(f"--ha-off-delay-s {args.ha_off_delay_s!r} is not valid (expected seconds > 0)")
     ha = HaDiscovery(transport, store, args.ha_prefix, args.ha_off_delay_s) if args.ha_discovery else None
+    if args.clip_quota_mb <= 0 or args.clip_retention_days <= 0:
+        raise ConfigError(f"--clip-quota-mb {args.clip_quota_mb!r} / --clip-retention-days {args.clip_retention_days!r} "
+                          "are not valid (expected numbers > 0)")
     srv = FleetServer(store, transport, webhook=webhook, alerts=AlertManager(store, transport, key),
-                      space_id=space_id, clips_dir=args.clips_dir, ha=ha)
+                      space_id=space_id, clips_dir=args.clips_dir, ha=ha,
+                      clip_quota_bytes=int(args.clip_quota_mb * 1e6), clip_retention_days=args.clip_retention_days)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     srv.start()
     print(f"edge-retrieval server: {transport.address.url}, database {store.path}"
-          + (f", webhook {args.webhook}" if args.webhook else "") + f", clips {srv.clips_dir}"
+          + (f", webhook {webhook.display}" if webhook else "") + f", clips {srv.clips_dir}"
           + (f", Home Assistant discovery under {args.ha_prefix}/" if ha else ""), flush=True)
     try:
         while not done.wait(1.0):

@@ -90,11 +90,19 @@ def _state_lines(cfg: DeviceConfig) -> str:
     return "\n".join(lines)
 
 
+GPU_DEVICES = ("char-nvidia*", "char-nvhost*", "char-nvgpu*", "char-nvmap", "/dev/nvmap", "/dev/nvhost-ctrl",
+               "/dev/nvhost-ctrl-gpu", "/dev/nvhost-prof-gpu", "/dev/nvhost-gpu", "/dev/nvhost-as-gpu")
+
+
 def _device_lines(cfg: DeviceConfig) -> str:
     if any(p != "CPUExecutionProvider" for p in cfg.model.providers):
+        # the char-* names are /proc/devices groups (systemd matches them as globs); the nvmap and
+        # nvhost nodes of a Jetson are misc devices, named one by one
         return (
-            "# GPU providers need the vendor's device nodes (/dev/nvhost-*, /dev/nvmap on Jetson):\n"
-            "# no device policy and no ProtectClock here, which would close them."
+            "# GPU providers need the vendor's device nodes (/dev/nvhost-*, /dev/nvmap on Jetson, /dev/nvidia*):\n"
+            "# closed policy, with those allowed; no ProtectClock, which would close them again.\n"
+            "DevicePolicy=closed\nDeviceAllow=char-alsa rw\n"
+            + "\n".join(f"DeviceAllow={d} rw" for d in GPU_DEVICES)
         )
     return "ProtectClock=true\nDevicePolicy=closed\nDeviceAllow=char-alsa rw"
 
