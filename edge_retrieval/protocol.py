@@ -29,6 +29,7 @@ MAX_QUERY_BYTES = 256 * 1024  # a 512-d f32 vector is ~2.8 kB of base64; be gene
 MAX_SPARSE = 64
 MAX_CLIP_BYTES = 2_000_000  # largest clip published (bytes); MQTT brokers often cap messages near here
 MAX_DENSE_DIM = 8192
+MAX_EXAMPLES = 32  # feedback windows (negatives or positives) per query
 
 
 def utcnow() -> str:
@@ -173,6 +174,18 @@ def encode_sparse(expert: str, indices: np.ndarray, weights: np.ndarray) -> Vect
     )
 
 
+# --------------------------------------------------------------------------- feedback examples
+
+
+class Example(BaseModel):
+    """One window a ranger judged (feedback): its vector per expert, as the event carried it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vectors: list[VectorPayload] = Field(min_length=1, max_length=16)
+    event_id: str | None = Field(default=None, pattern=NAME_PATTERN)  # where it came from
+
+
 # --------------------------------------------------------------------------- query message
 
 
@@ -193,6 +206,10 @@ class QueryMessage(BaseModel):
     policy: PolicyOverlay | None = None
     created: str = ""
     expires: str | None = None
+    # feedback (optional): windows marked "false alarm" (suppressed when closer than the query's
+    # positives) and "correct" (positives beside the query vector); docs/architecture.md
+    negatives: list[Example] = Field(default_factory=list, max_length=MAX_EXAMPLES)
+    positives: list[Example] = Field(default_factory=list, max_length=MAX_EXAMPLES)
     signature: str | None = None
 
     @field_validator("schema_")
@@ -223,14 +240,21 @@ class QueryMessage(BaseModel):
             raise ValueError(f"duplicate expert in vectors: {experts}")
         return self
 
+    def _wire(self, exclude_none: bool) -> dict[str, Any]:
+        d = self.model_dump(mode="json", by_alias=True, exclude_none=exclude_none)
+        for key in _OPTIONAL_LISTS:  # absent when empty: messages without feedback keep their bytes
+            if not d.get(key):
+                d.pop(key, None)
+        return d
+
     # canonical bytes for signing: everything but the signature, sorted keys, compact
     def signing_bytes(self) -> bytes:
-        d = self.model_dump(mode="json", by_alias=True, exclude_none=False)
+        d = self._wire(exclude_none=False)
         d.pop("signature", None)
         return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
     def to_json(self) -> bytes:
-        return json.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True)).encode()
+        return json.dumps(self._wire(exclude_none=True)).encode()
 
     def expired(self, now: datetime | None = None) -> bool:
         if not self.expires:
@@ -243,6 +267,9 @@ class QueryMessage(BaseModel):
         if exp.tzinfo is None:
             exp = exp.replace(tzinfo=timezone.utc)
         return now >= exp
+
+
+_OPTIONAL_LISTS = ("negatives", "positives")
 
 
 def parse_query_message(payload: bytes | str) -> QueryMessage:
@@ -332,6 +359,9 @@ class Event(_WireMessage):
     site: str | None = None
     lat: float | None = None
     lon: float | None = None
+    # the peak window's vector per expert (f16 embeddings, top-k sparse labels), on the final
+    # update: what a "false alarm" or "correct" feedback adds to the alert
+    vectors: list[VectorPayload] | None = Field(default=None, max_length=16)
 
 
 def new_event_id() -> str:

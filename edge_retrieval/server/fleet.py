@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import EdgeRetrievalError, QueryRejected
 from ..protocol import (
     MAX_CLIP_BYTES,
     NAME_RE,
+    Event,
     clip_topic,
     detections_topic,
     device_query_topic,
@@ -53,6 +55,8 @@ class FleetServer:
         self.space_id = space_id
         self.clips_dir = Path(clips_dir).expanduser() if clips_dir is not None else store.path.parent / "clips"
         self.ha = ha
+        # called with (event, new) after each stored event (the console keeps feedback vectors)
+        self.event_listeners: list[Callable[[Event, bool], None]] = []
         self.counts = {"events": 0, "new_events": 0, "bad_events": 0, "status": 0, "notices": 0,
                        "clips": 0, "bad_clips": 0}
         transport.subscribe(detections_topic("+"), self._on_detection, qos=1)
@@ -106,6 +110,11 @@ class FleetServer:
             log.error("cannot store event %s: %s", ev.event_id, exc)
             return
         self.counts["events"] += 1
+        for listener in self.event_listeners:
+            try:
+                listener(ev, new)
+            except Exception as exc:  # a listener's failure must not lose the MQTT message loop
+                log.error("event listener failed on %s: %s", ev.event_id, exc)
         if self.ha is not None:
             self.ha.on_event(ev, new)
         if new:
