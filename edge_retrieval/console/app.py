@@ -211,6 +211,7 @@ def _alerts(c: Console) -> list[dict[str, Any]]:
 def _detection(row: dict[str, Any]) -> dict[str, Any]:
     d = {k: row[k] for k in ("event_id", "device", "query_id", "query", "score", "start_s", "end_s", "time",
                              "clock", "source", "final", "site", "lat", "lon", "received", "updated")}
+    d["changed"] = row.get("changed") or row["updated"]
     d["has_clip"] = bool(row.get("clip_path"))
     return d
 
@@ -336,11 +337,11 @@ def _stream(request: Request, html: bool) -> StreamingResponse:
         while not await request.is_disconnected():
             rows = await run_in_threadpool(_query, c, f, after, 100)
             for d in reversed(rows):
-                key = (d["device"], d["event_id"], d["updated"])
+                key = (d["device"], d["event_id"], d["changed"])
                 if key in seen:
                     continue
                 seen.add(key)
-                after = max(after, d["updated"])
+                after = max(after, d["changed"])
                 if html:
                     data = env.get_template("_detection.html").render(d=d, session=sess)
                 else:
