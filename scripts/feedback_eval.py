@@ -10,6 +10,9 @@ as shipped, and with its negative (pipeline/feedback.py decides suppression). Pr
 query and in total, false events before/after (share removed) and true events and clips found
 before/after (share lost). Nothing here asserts; the README quotes the table.
 
+A second table replays the dev stream with EVERY dev false alarm marked (the same sounds heard
+again, as a ranger's click is meant to work): false events removed and true events lost there.
+
 Usage: .venv/bin/python scripts/feedback_eval.py [--bundle DIR] [--fixture data/fixture.csv]
 """
 
@@ -66,6 +69,33 @@ def stream(bundle: Bundle, fixture: Path, split: str) -> tuple[np.ndarray, list[
     return x, segs, rate
 
 
+def table(msgs: list[QueryMessage], texts: list[str], events: dict[str, list], segs: list[Segment],
+          cats: dict[str, tuple[str, ...]], marked: set[str], suppressed: dict[str, int]) -> None:
+    """Per query and in total: false / true events and clips found, as shipped and with feedback."""
+    spans = {q: [(a, b) for a, b, _ in evs] for q, evs in events.items()}
+    before = event_scores({m.query_id: spans[m.query_id] for m in msgs}, segs, cats)
+    after = event_scores({m.query_id: spans["f" + m.query_id[1:] if m.query_id in marked else m.query_id]
+                          for m in msgs}, segs, cats)
+    print(f"{'query':<16} {'neg':>3} {'false before':>12} {'after':>6} {'true before':>11} {'after':>6} "
+          f"{'found before':>12} {'after':>6} {'windows suppressed':>18}")
+    tot = dict.fromkeys(("fp0", "fp1", "tp0", "tp1", "f0", "f1"), 0)
+    for m, text in zip(msgs, texts, strict=True):
+        b, a = before[m.query_id], after[m.query_id]
+        sup = suppressed.get("f" + m.query_id[1:], 0)
+        print(f"{text:<16} {'yes' if m.query_id in marked else 'no':>3} {b['fp']:>12} {a['fp']:>6} {b['tp']:>11} "
+              f"{a['tp']:>6} {b['found']:>8}/{b['truth']:<3} {a['found']:>6} {sup:>18}")
+        for k, v in (("fp0", b["fp"]), ("fp1", a["fp"]), ("tp0", b["tp"]), ("tp1", a["tp"]),
+                     ("f0", b["found"]), ("f1", a["found"])):
+            tot[k] += v
+
+    def share(x0: int, x1: int) -> str:
+        return f"{(x0 - x1) / x0:.0%}" if x0 else "n/a"
+
+    print(f"total: false events {tot['fp0']} -> {tot['fp1']} (removed {share(tot['fp0'], tot['fp1'])}); "
+          f"true events {tot['tp0']} -> {tot['tp1']} (lost {share(tot['tp0'], tot['tp1'])}); "
+          f"clips found {tot['f0']} -> {tot['f1']} (lost {share(tot['f0'], tot['f1'])})")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
@@ -91,32 +121,22 @@ def main(argv: list[str] | None = None) -> int:
 
     fb = [m.model_copy(update={"query_id": "f" + m.query_id[1:], "negatives": [negatives[m.query_id]]})
           for m in msgs if m.query_id in negatives]
-    x, segs, rate = stream(bundle, args.fixture, "test")
-    test, suppressed = run(bundle, x, rate, msgs + fb)
-    spans = {q: [(a, b) for a, b, _ in evs] for q, evs in test.items()}
-    before = event_scores({m.query_id: spans[m.query_id] for m in msgs}, segs, cats)
-    after = event_scores({m.query_id: spans["f" + m.query_id[1:] if m.query_id in negatives else m.query_id]
-                          for m in msgs}, segs, cats)
+    xt, segs_t, _ = stream(bundle, args.fixture, "test")
+    test, suppressed = run(bundle, xt, rate, msgs + fb)
+    print(f"test: {xt.size / rate:.0f} s, bundle {bundle.manifest.name}; one negative per query (its first "
+          "false alarm on dev)")
+    table(msgs, texts, test, segs_t, cats, set(negatives), suppressed)
 
-    print(f"test: {x.size / rate:.0f} s, bundle {bundle.manifest.name}; one negative per query from dev")
-    print(f"{'query':<16} {'neg':>3} {'false before':>12} {'after':>6} {'true before':>11} {'after':>6} "
-          f"{'found before':>12} {'after':>6} {'windows suppressed':>18}")
-    tot = dict.fromkeys(("fp0", "fp1", "tp0", "tp1", "f0", "f1"), 0)
-    for m, text in zip(msgs, texts, strict=True):
-        b, a = before[m.query_id], after[m.query_id]
-        sup = suppressed.get("f" + m.query_id[1:], 0)
-        print(f"{text:<16} {'yes' if m.query_id in negatives else 'no':>3} {b['fp']:>12} {a['fp']:>6} {b['tp']:>11} "
-              f"{a['tp']:>6} {b['found']:>8}/{b['truth']:<3} {a['found']:>6} {sup:>18}")
-        for k, v in (("fp0", b["fp"]), ("fp1", a["fp"]), ("tp0", b["tp"]), ("tp1", a["tp"]),
-                     ("f0", b["found"]), ("f1", a["found"])):
-            tot[k] += v
-
-    def share(x0: int, x1: int) -> str:
-        return f"{(x0 - x1) / x0:.0%}" if x0 else "n/a"
-
-    print(f"total: false events {tot['fp0']} -> {tot['fp1']} (removed {share(tot['fp0'], tot['fp1'])}); "
-          f"true events {tot['tp0']} -> {tot['tp1']} (lost {share(tot['tp0'], tot['tp1'])}); "
-          f"clips found {tot['f0']} -> {tot['f1']} (lost {share(tot['f0'], tot['f1'])})")
+    every: dict[str, list[Example]] = {}
+    for qid, evs in dev.items():
+        truth = [(s.start_s, s.end_s) for s in segs if s.clip.category in cats[qid]]
+        every[qid] = [ex for a, b, ex in evs if ex is not None and match_events([(a, b)], truth)[1]][:32]
+    fb_all = [m.model_copy(update={"query_id": "f" + m.query_id[1:], "negatives": every[m.query_id]})
+              for m in msgs if every[m.query_id]]
+    again, suppressed = run(bundle, x, rate, msgs + fb_all)
+    print(f"\ndev replayed: {x.size / rate:.0f} s; every dev false alarm marked "
+          f"({sum(len(v) for v in every.values())} negatives), the same sounds heard again")
+    table(msgs, texts, again, segs, cats, {q for q, v in every.items() if v}, suppressed)
     return 0
 
 
