@@ -2,7 +2,8 @@
 
 The fixed detection queries (``scenes.DETECTION_QUERIES``) run with the bundle's tuned thresholds
 and policy (``defaults.tuned_for``) through the device's ``Pipeline`` over the dev stream (dev
-clips of data/fixture.csv shuffled with seed 0, ``scenes.build_stream``). For each query the
+clips of data/fixture.csv shuffled with seed 0, ``scenes.build_stream``, as tune_defaults; the
+test stream as tests/test_fixture_quality.py, seed 1). For each query the
 first event that matches no clip of its categories (a false alarm, ``scenes.match_events``)
 gives its peak window's vectors (``Pipeline.event_example``, what the device sends with the
 event) as the query's one negative. The test stream is then run once with each query twice:
@@ -60,12 +61,14 @@ def run(bundle: Bundle, x: np.ndarray, rate: int, msgs: list[QueryMessage]) -> t
 
 
 def stream(bundle: Bundle, fixture: Path, split: str) -> tuple[np.ndarray, list[Segment], int]:
+    """The stream of one half, built as tune_defaults (dev, seed 0) and the fixture test (test, seed 1)."""
     clips = [c for c in read_fixture(fixture) if c.split == split]
     if not clips:
         raise SystemExit(f"feedback_eval: no {split} clips on disk for {fixture} (run scripts/fetch_sounds.py)")
-    random.Random(0).shuffle(clips)
+    seed = 0 if split == "dev" else 1
+    random.Random(seed).shuffle(clips)
     rate = bundle.manifest.device.experts[0].sample_rate
-    x, segs = build_stream(clips, rate, seed=0)
+    x, segs = build_stream(clips, rate, seed=seed)
     return x, segs, rate
 
 

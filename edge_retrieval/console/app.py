@@ -183,10 +183,10 @@ def _plot(devices: list[dict[str, Any]], w: float = 360.0, h: float = 240.0) -> 
         return []
     lats, lons = [p["lat"] for p in pts], [p["lon"] for p in pts]
     span = max(max(lats) - min(lats), max(lons) - min(lons), 1e-3)
-    pad = 24.0
-    return [{"device": p["device"], "state": p["state"],
-             "x": pad + (p["lon"] - min(lons)) / span * (w - 2 * pad),
-             "y": h - pad - (p["lat"] - min(lats)) / span * (h - 2 * pad)} for p in pts]
+    mid_lat, mid_lon = (max(lats) + min(lats)) / 2, (max(lons) + min(lons)) / 2
+    scale = (min(w, h) - 48.0) / span  # degrees -> pixels, the box centred on the devices
+    return [{"device": p["device"], "state": p["state"], "x": w / 2 + (p["lon"] - mid_lon) * scale,
+             "y": h / 2 - (p["lat"] - mid_lat) * scale} for p in pts]
 
 
 def _alerts(c: Console) -> list[dict[str, Any]]:
