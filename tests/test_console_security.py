@@ -147,3 +147,22 @@ def test_session_cookie_flags(app) -> None:  # noqa: ANN001
     r = client.post("/login", data={"csrf": token, "name": "viewer1", "password": PASSWORD}, follow_redirects=False)
     cookie = [c for c in r.headers.get_list("set-cookie") if c.startswith("er_session=")][0].lower()
     assert "httponly" in cookie and "samesite=strict" in cookie
+
+
+def test_users_cli(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from edge_retrieval.cli import main as cli_main
+
+    db = tmp_path / "s.sqlite"
+    pw = tmp_path / "pw"
+    pw.write_text(PASSWORD + "\n")
+    assert cli_main(["users", "add", "alice", "--role", "ranger", "--password-file", str(pw), "--db", str(db)]) == 0
+    assert cli_main(["users", "add", "alice", "--password-file", str(pw), "--db", str(db)]) == 1
+    assert "exists" in capsys.readouterr().err
+    pw.write_text("short\n")
+    assert cli_main(["users", "add", "bob", "--password-file", str(pw), "--db", str(db)]) == 1
+    err = capsys.readouterr().err
+    assert "at least 10" in err and len(err.strip().splitlines()) == 1
+    assert cli_main(["users", "list", "--db", str(db)]) == 0
+    assert "alice" in capsys.readouterr().out and Users(db).verify("alice", PASSWORD)
+    assert not Users(db).verify("alice", "wrong password")
+    assert "$argon2id$" in __import__("sqlite3").connect(db).execute("SELECT hash FROM users").fetchone()[0]
