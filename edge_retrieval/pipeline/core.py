@@ -213,7 +213,7 @@ class Pipeline:
             rows[i] = scores[j]
             if self._keep:
                 self._recent.append((ticks[i].start_s, ticks[i].end_s, ids, scores[j],
-                                     {name: v[j] for name, v in vectors.items()}))
+                                     {name: v[j].copy() for name, v in vectors.items()}))  # not views: bounded
         self.encoded += len(keep)
         return snap, rows
 

@@ -56,17 +56,30 @@ def window_example(manifest: Manifest, vectors: dict[str, np.ndarray], event_id:
     return Example(vectors=out, event_id=event_id)
 
 
-def decode_example(ex: Example, manifest: Manifest, what: str) -> dict[str, np.ndarray]:
-    """An example -> {expert: unit vector [dim] float32}; QueryRejected names the problem."""
+# one expert's unit example vector: dense [dim] float32 (embeddings), or (label indices int64,
+# weights float32) for a labels expert, kept sparse (<= 64 entries, not the 6,528 labels)
+Unit = np.ndarray | tuple[np.ndarray, np.ndarray]
+
+
+def decode_example(ex: Example, manifest: Manifest, what: str) -> dict[str, Unit]:
+    """An example -> {expert: unit vector}; QueryRejected names the problem."""
     by = {v.expert: v for v in ex.vectors}
     names = manifest.expert_names
     if sorted(by) != sorted(names) or len(by) != len(ex.vectors):
         raise QueryRejected(f"{what}: vectors for experts {[v.expert for v in ex.vectors]}, this bundle has {names}")
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, Unit] = {}
     for spec in manifest.device.experts:
         vec = by[spec.name]
-        if is_labels(spec.output_kind) != (vec.encoding == "sparse"):
-            raise QueryRejected(f"{what}: expert {spec.name!r} needs a {'sparse' if is_labels(spec.output_kind) else 'dense'} vector")
+        labels = is_labels(spec.output_kind)
+        if labels != (vec.encoding == "sparse"):
+            raise QueryRejected(f"{what}: expert {spec.name!r} needs a {'sparse' if labels else 'dense'} vector")
+        if labels:
+            assert vec.indices is not None and vec.weights is not None
+            idx = np.asarray(vec.indices, np.int64)
+            if idx.max() >= spec.dim:
+                raise QueryRejected(f"{what}: label index {int(idx.max())} out of range ({spec.dim} labels)")
+            out[spec.name] = unit_sparse(idx, np.asarray(vec.weights, np.float32))
+            continue
         v = vec.dense(spec.dim)
         n = float(np.linalg.norm(v))
         if not np.isfinite(n) or n == 0.0:
@@ -75,30 +88,65 @@ def decode_example(ex: Example, manifest: Manifest, what: str) -> dict[str, np.n
     return out
 
 
+def unit_sparse(idx: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    n = float(np.linalg.norm(w))
+    if n == 0.0:
+        raise QueryRejected("a sparse example has only zero weights")
+    return idx.astype(np.int64), (w / n).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Example rows of one expert: dense ``[n, dim]``, or sparse padded ``idx``/``w`` ``[n, k]``
+    (padding: label 0, weight 0). Each row is a unit vector times its query's expert weight."""
+
+    dense: np.ndarray | None = None
+    idx: np.ndarray | None = None
+    w: np.ndarray | None = None
+
+    def sims(self, xn: np.ndarray) -> np.ndarray:
+        """Unit windows [B, dim] -> weighted cosines [B, n]."""
+        if self.dense is not None:
+            return xn @ self.dense.T
+        assert self.idx is not None and self.w is not None
+        return np.einsum("bnk,nk->bn", np.take(xn, self.idx, axis=1), self.w)
+
+
+def _rows(units: list[Unit], weights: list[float]) -> _Rows:
+    if isinstance(units[0], tuple):
+        k = max(u[0].size for u in units)  # type: ignore[union-attr]
+        idx = np.zeros((len(units), k), np.intp)
+        w = np.zeros((len(units), k), np.float32)
+        for j, (u, qw) in enumerate(zip(units, weights, strict=True)):
+            i, v = u  # type: ignore[misc]
+            idx[j, : i.size], w[j, : i.size] = i, v * np.float32(qw)
+        return _Rows(idx=idx, w=w)
+    return _Rows(dense=np.ascontiguousarray(np.stack([u * np.float32(qw) for u, qw in zip(units, weights, strict=True)]),
+                                            np.float32))
+
+
 @dataclass(frozen=True)
 class FeedbackSet:
     """Negatives and positives of the queries that have feedback, stacked per expert.
 
-    Rows of ``neg[e]`` / ``pos[e]`` are unit example vectors scaled by their query's weight for
-    expert ``e``; ``neg_owner`` / ``pos_owner`` give each row's query column (sorted, so
-    ``np.maximum.reduceat`` groups them); ``cols`` are the query columns that have negatives.
+    ``neg_starts`` / ``pos_starts`` give the first row of each query (rows grouped by query, so
+    ``np.maximum.reduceat`` takes each query's best); ``cols`` are those queries' columns.
     """
 
     cols: np.ndarray  # [nf] intp, query columns with negatives
-    neg: dict[str, np.ndarray]  # expert -> [n_neg, dim]
-    neg_starts: np.ndarray  # [nf] first negative row of each column in ``cols``
-    pos: dict[str, np.ndarray]  # expert -> [n_pos, dim]
+    neg: dict[str, _Rows]
+    neg_starts: np.ndarray  # [nf]
+    pos: dict[str, _Rows]
     pos_starts: np.ndarray  # [nf]
 
     def suppressed(self, vectors: dict[str, np.ndarray]) -> np.ndarray:
         """{expert: [B, dim]} -> [B, nf] bool: which windows each feedback query suppresses."""
         neg = pos = None
-        for name, n_rows in self.neg.items():
+        for name, rows in self.neg.items():
             x = np.asarray(vectors[name], np.float32)
             norm = np.linalg.norm(x, axis=1, keepdims=True)
             xn = x / np.where(norm > 0, norm, 1.0)
-            a = xn @ n_rows.T
-            b = xn @ self.pos[name].T
+            a, b = rows.sims(xn), self.pos[name].sims(xn)
             neg = a if neg is None else neg + a
             pos = b if pos is None else pos + b
         assert neg is not None and pos is not None
@@ -112,23 +160,26 @@ def build_feedback(queries: tuple, dims: dict[str, int]) -> FeedbackSet | None: 
     cols = [j for j, q in enumerate(queries) if q.negatives]
     if not cols:
         return None
-    neg: dict[str, list[np.ndarray]] = {e: [] for e in dims}
-    pos: dict[str, list[np.ndarray]] = {e: [] for e in dims}
+    neg: dict[str, list[Unit]] = {e: [] for e in dims}
+    pos: dict[str, list[Unit]] = {e: [] for e in dims}
+    neg_w: dict[str, list[float]] = {e: [] for e in dims}
+    pos_w: dict[str, list[float]] = {e: [] for e in dims}
     neg_starts, pos_starts, n_neg, n_pos = [], [], 0, 0
     for j in cols:
         q = queries[j]
         neg_starts.append(n_neg)
         pos_starts.append(n_pos)
         for e in dims:
-            w = np.float32(q.weights[e])
-            neg[e].extend(ex[e] * w for ex in q.negatives)
-            pos[e].extend(ex[e] * w for ex in (q.anchor, *q.positives))
+            neg[e].extend(ex[e] for ex in q.negatives)
+            neg_w[e].extend([q.weights[e]] * len(q.negatives))
+            pos[e].extend(ex[e] for ex in (q.anchor, *q.positives))
+            pos_w[e].extend([q.weights[e]] * (1 + len(q.positives)))
         n_neg += len(q.negatives)
         n_pos += 1 + len(q.positives)
     return FeedbackSet(
         cols=np.asarray(cols, np.intp),
-        neg={e: np.ascontiguousarray(np.stack(v), np.float32) for e, v in neg.items()},
+        neg={e: _rows(neg[e], neg_w[e]) for e in dims},
         neg_starts=np.asarray(neg_starts, np.intp),
-        pos={e: np.ascontiguousarray(np.stack(v), np.float32) for e, v in pos.items()},
+        pos={e: _rows(pos[e], pos_w[e]) for e in dims},
         pos_starts=np.asarray(pos_starts, np.intp),
     )

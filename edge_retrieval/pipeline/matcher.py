@@ -29,7 +29,7 @@ from ..bundle import Manifest
 from ..errors import QueryRejected
 from ..policy import PolicyOverlay
 from ..protocol import QueryMessage
-from .feedback import FeedbackSet, build_feedback, decode_example
+from .feedback import FeedbackSet, Unit, build_feedback, decode_example, unit_sparse
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,11 @@ class CompiledQuery:
     weights: dict[str, float]  # expert -> weight (sum 1)
     dense: dict[str, np.ndarray]  # expert -> [dim] float32
     sparse: dict[str, tuple[np.ndarray, np.ndarray]]  # expert -> (indices int64, weights float32)
-    # feedback (pipeline/feedback.py): unit vectors per expert; ``anchor`` (the query's own vector,
-    # dense) is kept only when there are negatives, so plain queries cost no dense label vector
-    negatives: tuple[dict[str, np.ndarray], ...] = ()
-    positives: tuple[dict[str, np.ndarray], ...] = ()
-    anchor: dict[str, np.ndarray] = field(default_factory=dict)
+    # feedback (pipeline/feedback.py): unit vectors per expert (sparse for labels experts);
+    # ``anchor`` (the query's own vector) is kept only when there are negatives
+    negatives: tuple[dict[str, Unit], ...] = ()
+    positives: tuple[dict[str, Unit], ...] = ()
+    anchor: dict[str, Unit] = field(default_factory=dict)
 
 
 def compile_query(msg: QueryMessage, manifest: Manifest) -> CompiledQuery:
@@ -111,16 +111,10 @@ def compile_query(msg: QueryMessage, manifest: Manifest) -> CompiledQuery:
             dense[vec.expert] = v / n  # unit vector: score = cosine
     negatives = tuple(decode_example(ex, manifest, f"query {qid!r} negative {i}") for i, ex in enumerate(msg.negatives))
     positives = tuple(decode_example(ex, manifest, f"query {qid!r} positive {i}") for i, ex in enumerate(msg.positives))
-    anchor: dict[str, np.ndarray] = {}
-    if negatives:
+    anchor: dict[str, Unit] = {}
+    if negatives:  # the query's own vector is a positive: unit, sparse for labels
         for name in names:
-            if name in dense:
-                anchor[name] = dense[name]
-            else:
-                idx, w = sparse[name]
-                a = np.zeros(manifest.expert(name).dim, np.float32)
-                a[idx] = w
-                anchor[name] = a / float(np.linalg.norm(a))
+            anchor[name] = dense[name] if name in dense else unit_sparse(*sparse[name])
     return CompiledQuery(
         query_id=qid,
         version=msg.version,
