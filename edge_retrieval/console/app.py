@@ -138,9 +138,9 @@ def _guard(role: str = "viewer") -> Callable[[Callable[..., Awaitable[Response]]
 
 
 def _error(request: Request, message: str, status: int) -> Response:
-    if request.url.path.startswith("/api/") or not request.headers.get("hx-request"):
-        if request.url.path.startswith("/api/"):
-            return JSONResponse({"error": message}, status_code=status)
+    """JSON for the API, an HTML fragment for pages (htmx swaps it, a browser shows it)."""
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"error": message}, status_code=status)
     return _render(request, "_error.html", {"message": message}, status=status)
 
 
@@ -335,6 +335,8 @@ def _stream(request: Request, html: bool) -> StreamingResponse:
         idle = 0.0
         yield "retry: 2000\n\n"
         while not await request.is_disconnected():
+            if _session(request) is None:  # logged out (or expired) while the stream was open
+                return
             rows = await run_in_threadpool(_query, c, f, after, 100)
             for d in reversed(rows):
                 key = (d["device"], d["event_id"], d["changed"])

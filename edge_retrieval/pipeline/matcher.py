@@ -15,7 +15,8 @@ are the queries' weighted vectors:
   window at 10,000 queries; this is 7.7 MB and ~1 ms, see benchmarks/).
 
 The ensemble score is the sum over experts. add/remove build a new immutable snapshot and swap
-it in under a lock, so scoring never sees a half-updated set.
+it in under a lock, so scoring never sees a half-updated set. Queries with feedback negatives
+also get their examples stacked in the snapshot (``Snapshot.suppressed``, pipeline/feedback.py).
 """
 
 from __future__ import annotations
