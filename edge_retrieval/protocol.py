@@ -44,6 +44,7 @@ MAX_DENSE_DIM = 8192
 MAX_FIELD_CHARS = 256  # free-text fields of device messages (source, clip, site, reasons)
 MAX_DEVICE_MESSAGE_BYTES = 64 * 1024  # largest event or status payload a server reads
 MAX_CLOCK_SKEW_S = 300.0  # a query "created" further ahead of the device's clock waits (clock behind)
+MAX_EXAMPLES = 32  # feedback windows (negatives or positives) per query
 
 
 def utcnow() -> str:
@@ -224,6 +225,18 @@ def encode_sparse(expert: str, indices: np.ndarray, weights: np.ndarray) -> Vect
     )
 
 
+# --------------------------------------------------------------------------- feedback examples
+
+
+class Example(BaseModel):
+    """One window a ranger judged (feedback): its vector per expert, as the event carried it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vectors: list[VectorPayload] = Field(min_length=1, max_length=16)
+    event_id: str | None = Field(default=None, pattern=NAME_PATTERN)  # where it came from
+
+
 # --------------------------------------------------------------------------- query message
 
 
@@ -244,6 +257,10 @@ class QueryMessage(BaseModel):
     policy: PolicyOverlay | None = None
     created: str = ""
     expires: str | None = None
+    # feedback (optional): windows marked "false alarm" (suppressed when closer than the query's
+    # positives) and "correct" (positives beside the query vector); docs/architecture.md
+    negatives: list[Example] = Field(default_factory=list, max_length=MAX_EXAMPLES)
+    positives: list[Example] = Field(default_factory=list, max_length=MAX_EXAMPLES)
     signature: str | None = None
     # the query topic this message was signed for (binds the signature to its target and id);
     # devices with a public key refuse a message that arrives on any other topic
@@ -284,14 +301,21 @@ class QueryMessage(BaseModel):
             raise ValueError(f"duplicate expert in vectors: {experts}")
         return self
 
+    def _wire(self, exclude_none: bool) -> dict[str, Any]:
+        d = self.model_dump(mode="json", by_alias=True, exclude_none=exclude_none)
+        for key in _OPTIONAL_LISTS:  # absent when empty: messages without feedback keep their bytes
+            if not d.get(key):
+                d.pop(key, None)
+        return d
+
     # canonical bytes for signing: everything but the signature, sorted keys, compact
     def signing_bytes(self) -> bytes:
-        d = self.model_dump(mode="json", by_alias=True, exclude_none=False)
+        d = self._wire(exclude_none=False)
         d.pop("signature", None)
         return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
     def to_json(self) -> bytes:
-        return json.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True)).encode()
+        return json.dumps(self._wire(exclude_none=True)).encode()
 
     def expired(self, now: datetime | None = None) -> bool:
         return bool(self.expires) and (now or datetime.now(timezone.utc)) >= parse_time(self.expires or "")
@@ -310,6 +334,9 @@ def parse_time(text: str) -> datetime:
     except ValueError as exc:
         raise ValueError(f"time {str(text)[:40]!r} is not ISO 8601 (expected e.g. 2026-01-31T12:00:00Z)") from exc
     return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
+
+
+_OPTIONAL_LISTS = ("negatives", "positives")
 
 
 def parse_query_message(payload: bytes | str) -> QueryMessage:
@@ -409,6 +436,9 @@ class Event(_WireMessage):
     site: str | None = Field(default=None, max_length=MAX_FIELD_CHARS)
     lat: float | None = Field(default=None, ge=-90, le=90)
     lon: float | None = Field(default=None, ge=-180, le=180)
+    # the peak window's vector per expert (f16 embeddings, top-k sparse labels), on the final
+    # update: what a "false alarm" or "correct" feedback adds to the alert
+    vectors: list[VectorPayload] | None = Field(default=None, max_length=16)
 
 
 def new_event_id() -> str:

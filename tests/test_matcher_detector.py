@@ -352,7 +352,7 @@ class _RefDetector:
             hits = [r for r in st.recent if r[0]]
             if len(hits) >= p.min_hits:
                 self._open(st, hits[0][1], end_s, max(r[3] for r in hits), out)
-        if raw is not None:
+        if raw is not None and raw == raw:  # a NaN (suppressed window) leaves the baseline alone
             ev = st.active
             if (not hit and ev is None) or (ev is not None and len(st.history) < WARMUP and ev.windows > WARMUP):
                 st.history.append(raw)
@@ -452,7 +452,7 @@ def test_vectorised_detector_equals_the_per_query_reference(seed: int, mixed: bo
             burst = rng.random(len(qs)) < 0.06
             row[burst] += rng.uniform(0.2, 0.6, int(burst.sum()))
             if rng.random() < 0.02 and len(qs):
-                row[rng.integers(len(qs))] = np.nan  # a broken score: never a hit, poisons that baseline
+                row[rng.integers(len(qs))] = np.nan  # suppressed by feedback: a miss, baseline untouched
             row = row.astype(np.float32)
         start = k * 1.0
         a, b = _snap(det.step(qs, start, start + 3.0, row), ids_a), _snap(ref.step(qs, start, start + 3.0, row), ids_b)

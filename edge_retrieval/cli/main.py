@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bundle": ("edge_retrieval.cli.commands.bundle", "verify or slim a model bundle"),
     "server": ("edge_retrieval.cli.commands.server", "run the fleet server (MQTT + SQLite)"),
     "alerts": ("edge_retrieval.cli.commands.alerts", "add, list, remove text alerts for the fleet"),
+    "users": ("edge_retrieval.cli.commands.users", "add, list, remove ranger console accounts"),
     "detections": ("edge_retrieval.cli.commands.detections", "read stored detections"),
     "keys": ("edge_retrieval.cli.commands.keys", "create the Ed25519 key pair that signs queries"),
     "config": ("edge_retrieval.cli.commands.config", "check or show a device config"),

@@ -46,6 +46,10 @@ from .sources import FileSource, MicSource, Source, StdinSource
 
 log = logging.getLogger(__name__)
 
+# encoded ticks whose vectors the pipeline keeps for events' peak windows (~2 min at a 3 s hop)
+EVENT_VECTOR_TICKS = 40
+
+
 def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -80,7 +84,8 @@ class Daemon:
         self.site, self.lat, self.lon = site, lat, lon
         self.clock = clock  # returns the clock status: "synced" | "unsynced" | "unknown"
         self.pipeline = Pipeline(bundle, (), policy, sample_rate=source.sample_rate, overlap=overlap,
-                                 gate_dbfs=gate_dbfs, threads=threads, providers=providers, max_batch=max_batch)
+                                 gate_dbfs=gate_dbfs, threads=threads, providers=providers, max_batch=max_batch,
+                                 keep_vectors=EVENT_VECTOR_TICKS)
         self.step_s = self.pipeline.step_s
         self._sinks: list[Sink] = list(sinks)
         self.max_batch = int(max_batch)
@@ -317,7 +322,15 @@ class Daemon:
             site=self.site,
             lat=self.lat,
             lon=self.lon,
+            vectors=self._vectors(tr),
         )
+
+    def _vectors(self, tr: Transition) -> list[Any] | None:
+        """The final update carries its peak window's vectors (feedback adds them to the alert)."""
+        if not tr.final:
+            return None
+        ex = self.pipeline.event_example(tr.event)
+        return list(ex.vectors) if ex is not None else None
 
     def _transition(self, tr: Transition) -> None:
         ev = self._event(tr)
@@ -379,6 +392,7 @@ class Daemon:
             "dropped": self.dropped,
             "failed": self.failed,
             "events": self.events,
+            "suppressed": dict(self.pipeline.suppressed),  # query id -> windows feedback silenced
             "active_events": self.detector.active_count(),
             "queue": len(self._queue),
             "queue_max": self.max_queue,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -27,9 +28,10 @@ import numpy as np
 from ..bundle import Bundle
 from ..errors import EdgeRetrievalError, EncoderError, QueryRejected
 from ..policy import PolicyOverlay
-from ..protocol import QueryMessage
-from .detector import Detector, Transition
+from ..protocol import Example, QueryMessage
+from .detector import ActiveEvent, Detector, Transition
 from .expert import AudioExpert, load_experts
+from .feedback import window_example
 from .gate import EnergyGate
 from .matcher import CompiledQuery, Matcher, Snapshot, compile_query
 from .windows import ExpertWindowing, Tick, Windower, common_step
@@ -67,8 +69,13 @@ class Pipeline:
         threads: int = 1,
         providers: Sequence[str] | None = None,
         max_batch: int = 8,
+        keep_vectors: int = 0,
     ) -> None:
-        """``sample_rate``: rate of the samples fed (default: the longest-window expert's rate)."""
+        """``sample_rate``: rate of the samples fed (default: the longest-window expert's rate).
+
+        ``keep_vectors``: how many recent encoded ticks keep their vectors (ticks), so an event
+        can carry its peak window (``event_example``); 0 keeps none.
+        """
         m = bundle.manifest
         self.bundle = bundle
         try:
@@ -93,6 +100,12 @@ class Pipeline:
         self.idle = 0  # ticks not encoded because no query was registered
         self.failed = 0  # ticks whose encoder run failed
         self.stage_s: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        # windows feedback suppressed per query id that would have passed its threshold
+        self.suppressed: dict[str, int] = {}
+        # recent encoded ticks: (start_s, end_s, query ids, scores [nq], {expert: [dim]}); bounded
+        self._recent: deque[tuple[float, float, list[str], np.ndarray, dict[str, np.ndarray]]] = deque(
+            maxlen=max(0, int(keep_vectors)) or None)
+        self._keep = int(keep_vectors) > 0
         for q in queries:
             self.add_query(q)
 
@@ -187,11 +200,33 @@ class Pipeline:
             return snap, rows
         t0 = time.thread_time()
         scores = snap.score(vectors)
+        mask = snap.suppressed(vectors)
+        if mask is not None and mask.any():  # a suppressed window is a miss for that query (NaN)
+            would = mask & (scores >= snap.thresholds)
+            for col in np.flatnonzero(would.any(axis=0)).tolist():
+                qid = snap.queries[col].query_id
+                self.suppressed[qid] = self.suppressed.get(qid, 0) + int(would[:, col].sum())
+            scores = np.where(mask, np.float32(np.nan), scores)
         self.stage_s["matcher"] += time.thread_time() - t0
+        ids = snap.ids if self._keep else []
         for j, i in enumerate(keep):
             rows[i] = scores[j]
+            if self._keep:
+                self._recent.append((ticks[i].start_s, ticks[i].end_s, ids, scores[j],
+                                     {name: v[j].copy() for name, v in vectors.items()}))  # not views: bounded
         self.encoded += len(keep)
         return snap, rows
+
+    def event_example(self, ev: ActiveEvent) -> Example | None:
+        """The vectors of ``ev``'s best-scoring window still held (``keep_vectors``), or None."""
+        best: tuple[float, dict[str, np.ndarray]] | None = None
+        for start_s, end_s, ids, row, vecs in self._recent:
+            if end_s <= ev.start_s or start_s >= ev.end_s or ev.query_id not in ids:
+                continue
+            s = float(row[ids.index(ev.query_id)])
+            if s == s and (best is None or s > best[0]):  # NaN (suppressed) never wins
+                best = (s, vecs)
+        return window_example(self.bundle.manifest, best[1], ev.event_id) if best else None
 
     def detect(self, snap: Snapshot, ticks: Sequence[Tick], rows: Rows) -> list[Transition]:
         """The detector over scored ticks (in stream order)."""

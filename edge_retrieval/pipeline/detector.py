@@ -18,7 +18,8 @@ Per query and window (``raw`` = the matcher's score, ``base`` = its background b
   high from the very start (BirdNET's woodpecker on plain noise) then gives one short event and
   becomes the baseline, instead of an event that never ends; a short real sound heard first
   (a quiet, gated site) does not poison the baseline.
-- A gated (near-silent, not encoded) window counts as a miss and leaves the baseline alone.
+- A gated (near-silent, not encoded) window counts as a miss and leaves the baseline alone; so
+  does a NaN score (a window the query's feedback suppressed, pipeline/feedback.py).
 
 Policy per query: ``policy.resolve(query policy, device default)`` (query > config > built-in).
 
@@ -265,7 +266,8 @@ class Detector:
             else:
                 tr.append(self._close(i))
         act = a["active"]
-        push = a["adapt"] & ((~hit & ~act) | (act & (a["fill"] < WARMUP) & (a["ev_windows"] > WARMUP)))
+        # a NaN score (a window feedback suppressed) is a miss that leaves the baseline alone
+        push = a["adapt"] & ~np.isnan(raw) & ((~hit & ~act) | (act & (a["fill"] < WARMUP) & (a["ev_windows"] > WARMUP)))
         self._push(np.flatnonzero(push), raw)
         return self._ordered(out, per)
 

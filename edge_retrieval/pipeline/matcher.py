@@ -15,13 +15,14 @@ are the queries' weighted vectors:
   window at 10,000 queries; this is 7.7 MB and ~1 ms, see benchmarks/).
 
 The ensemble score is the sum over experts. add/remove build a new immutable snapshot and swap
-it in under a lock, so scoring never sees a half-updated set.
+it in under a lock, so scoring never sees a half-updated set. Queries with feedback negatives
+also get their examples stacked in the snapshot (``Snapshot.suppressed``, pipeline/feedback.py).
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,6 +30,7 @@ from ..bundle import Manifest
 from ..errors import QueryRejected
 from ..policy import PolicyOverlay
 from ..protocol import QueryMessage
+from .feedback import FeedbackSet, Unit, build_feedback, decode_example, unit_sparse
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,11 @@ class CompiledQuery:
     weights: dict[str, float]  # expert -> weight (sum 1)
     dense: dict[str, np.ndarray]  # expert -> [dim] float32
     sparse: dict[str, tuple[np.ndarray, np.ndarray]]  # expert -> (indices int64, weights float32)
+    # feedback (pipeline/feedback.py): unit vectors per expert (sparse for labels experts);
+    # ``anchor`` (the query's own vector) is kept only when there are negatives
+    negatives: tuple[dict[str, Unit], ...] = ()
+    positives: tuple[dict[str, Unit], ...] = ()
+    anchor: dict[str, Unit] = field(default_factory=dict)
 
 
 def compile_query(msg: QueryMessage, manifest: Manifest) -> CompiledQuery:
@@ -103,6 +110,12 @@ def compile_query(msg: QueryMessage, manifest: Manifest) -> CompiledQuery:
             if n == 0.0:
                 raise QueryRejected(f"query {qid!r}: vector for expert {vec.expert!r} is all zeros")
             dense[vec.expert] = v / n  # unit vector: score = cosine
+    negatives = tuple(decode_example(ex, manifest, f"query {qid!r} negative {i}") for i, ex in enumerate(msg.negatives))
+    positives = tuple(decode_example(ex, manifest, f"query {qid!r} positive {i}") for i, ex in enumerate(msg.positives))
+    anchor: dict[str, Unit] = {}
+    if negatives:  # the query's own vector is a positive: unit, sparse for labels
+        for name in names:
+            anchor[name] = dense[name] if name in dense else unit_sparse(*sparse[name])
     return CompiledQuery(
         query_id=qid,
         version=msg.version,
@@ -112,6 +125,9 @@ def compile_query(msg: QueryMessage, manifest: Manifest) -> CompiledQuery:
         weights=weights,
         dense=dense,
         sparse=sparse,
+        negatives=negatives,
+        positives=positives,
+        anchor=anchor,
     )
 
 
@@ -158,6 +174,7 @@ class Snapshot:
     queries: tuple[CompiledQuery, ...]
     thresholds: np.ndarray  # [nq]
     experts: dict[str, _ExpertMatrix | _SparseExpert | _PaddedSparseExpert]
+    feedback: FeedbackSet | None = None  # None: no query has a negative (nothing to suppress)
 
     @property
     def ids(self) -> list[str]:
@@ -175,6 +192,15 @@ class Snapshot:
             out = part if out is None else out + part
         assert out is not None
         return out.astype(np.float32, copy=False)
+
+    def suppressed(self, vectors: dict[str, np.ndarray]) -> np.ndarray | None:
+        """[B, nq] bool: windows a query's feedback suppresses (pipeline/feedback.py); None if none can."""
+        if self.feedback is None:
+            return None
+        b = next(iter(vectors.values())).shape[0]
+        mask = np.zeros((b, len(self.queries)), np.bool_)
+        mask[:, self.feedback.cols] = self.feedback.suppressed(vectors)
+        return mask
 
 
 def _build(queries: tuple[CompiledQuery, ...], dims: dict[str, int]) -> Snapshot:
@@ -206,7 +232,8 @@ def _build(queries: tuple[CompiledQuery, ...], dims: dict[str, int]) -> Snapshot
         else:
             m = np.stack([q.dense[name] * np.float32(q.weights[name]) for q in queries], axis=0)
             experts[name] = _ExpertMatrix(None, np.ascontiguousarray(m.reshape(len(queries), dim), np.float32))
-    return Snapshot(queries, np.asarray([q.threshold for q in queries], np.float32), experts)
+    return Snapshot(queries, np.asarray([q.threshold for q in queries], np.float32), experts,
+                    build_feedback(queries, dims))
 
 
 class Matcher:

@@ -12,12 +12,14 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import QueryRejected, StoreError
 from ..protocol import (
     MAX_CLIP_BYTES,
     NAME_RE,
+    Event,
     clip_topic,
     detections_topic,
     device_query_topic,
@@ -90,6 +92,8 @@ class FleetServer:
         self._expiry_thread: threading.Thread | None = None
         self.clip_quota_bytes = int(clip_quota_bytes)
         self.clip_retention_days = float(clip_retention_days)
+        # called with (event, new) after each stored event (the console keeps feedback vectors)
+        self.event_listeners: list[Callable[[Event, bool], None]] = []
         self._notice_limit = _PerDevice(NOTICE_BURST, NOTICE_EVERY_S)
         # every message read is counted once: stored (events, status, clips) or refused (bad_*)
         self.counts = {"events": 0, "new_events": 0, "bad_events": 0, "status": 0, "bad_status": 0, "notices": 0,
@@ -155,6 +159,11 @@ class FleetServer:
             return
         new = self.store.upsert_event(ev)  # StoreError: not acknowledged, handed back later
         self.counts["events"] += 1
+        for listener in self.event_listeners:
+            try:
+                listener(ev, new)
+            except Exception as exc:  # a listener's failure must not lose the MQTT message loop
+                log.error("event listener failed on %s: %s", ev.event_id, exc)
         if self.ha is not None:
             self.ha.on_event(ev, new)
         if new:

@@ -178,6 +178,37 @@ class ServerStore:
             out.append(d)
         return out
 
+    def detection(self, device: str, event_id: str) -> dict[str, Any] | None:
+        rows = self.changed_detections(device=device, event_id=event_id, limit=1)
+        return rows[0] if rows else None
+
+    def changed_detections(self, after: str = "", *, device: str | None = None, query_id: str | None = None,
+                           since: str | None = None, event_id: str | None = None,
+                           limit: int = 200) -> list[dict[str, Any]]:
+        """Detections changed (an update or their clip received) at or after ``after`` (ISO), the
+        latest change first, each with ``changed``; ``since`` filters on the event's own time.
+        What the console lists and streams."""
+        cols = ", ".join(f"d.{c}" for c in EVENT_COLUMNS)
+        changed = "max(d.updated, coalesce(c.received, ''))"
+        sql = (f"SELECT {cols}, c.path, {changed} FROM detections d LEFT JOIN clips c ON c.event_id = d.event_id "
+               f"WHERE {changed} >= ?")
+        args: list[Any] = [after]
+        for col, val in (("device", device), ("query_id", query_id), ("event_id", event_id)):
+            if val is not None:
+                sql += f" AND d.{col} = ?"
+                args.append(val)
+        if since is not None:
+            sql += " AND d.time >= ?"
+            args.append(since)
+        rows = self._exec(sql + f" ORDER BY {changed} DESC, d.event_id LIMIT ?", (*args, int(limit))).fetchall()
+        out = []
+        for r in rows:
+            d = dict(zip(DETECTION_COLUMNS, r[:-1], strict=True))
+            d["final"] = bool(d["final"])
+            d["changed"] = r[-1]
+            out.append(d)
+        return out
+
     # ------------------------------------------------------------------ devices and notices
 
     def device(self, device: str) -> dict[str, Any] | None:

@@ -70,6 +70,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ha-prefix", default="homeassistant", help="Home Assistant discovery prefix (default homeassistant)")
     p.add_argument("--ha-off-delay-s", type=float, default=30.0,
                    help="Home Assistant turns a sensor off after this many seconds without OFF (default 30)")
+    p.add_argument("--http", default=os.environ.get("EDGE_RETRIEVAL_HTTP"), metavar="HOST:PORT",
+                   help="serve the ranger console here, e.g. 127.0.0.1:8080 (default $EDGE_RETRIEVAL_HTTP; "
+                        "needs the console extra and an account: edge-retrieval users add)")
+    p.add_argument("--http-cert", type=Path, help="TLS certificate (PEM) for the console (https)")
+    p.add_argument("--http-key", type=Path, help="TLS private key (PEM) for the console")
+    p.add_argument("--http-behind-tls", action="store_true",
+                   help="the console sits behind a TLS reverse proxy: session cookies are marked Secure")
+
+
+def _console(args: argparse.Namespace, store: object, srv: object) -> object:
+    """The console over this server's store and alerts; alerts can be added when --bundle has its text side."""
+    from ...console import Console, HttpServer, make_app
+    from ...server.feedback import Feedback
+    from ...server.users import Users
+
+    builder = None
+    if args.bundle:
+        from ...bundle import load_bundle
+        from ...errors import BundleError
+        from ...text import QueryBuilder
+
+        try:
+            builder = QueryBuilder(load_bundle(args.bundle, part="all"))
+        except BundleError as exc:
+            log.warning("console: alerts cannot be added (%s)", exc)
+    users = Users(store.path)  # type: ignore[attr-defined]
+    if not users.list():
+        log.warning("console: no account yet; create one with: edge-retrieval users add NAME --role ranger")
+    fb = Feedback(store.path, srv.alerts)  # type: ignore[attr-defined]
+    srv.event_listeners.append(fb.on_event)  # type: ignore[attr-defined]
+    console = Console(store, srv.alerts, fb, users, builder=builder,  # type: ignore[arg-type, attr-defined]
+                      secure_cookies=bool(args.http_cert) or args.http_behind_tls)
+    return HttpServer(make_app(console), args.http, args.http_cert, args.http_key)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -94,17 +127,23 @@ def main(args: argparse.Namespace) -> int:
     srv = FleetServer(store, transport, webhook=webhook, alerts=AlertManager(store, transport, key),
                       space_id=space_id, clips_dir=args.clips_dir, ha=ha,
                       clip_quota_bytes=int(args.clip_quota_mb * 1e6), clip_retention_days=args.clip_retention_days)
+    http = _console(args, store, srv) if args.http else None
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     srv.start()
+    if http is not None:
+        http.start()
     print(f"edge-retrieval server: {transport.address.url}, database {store.path}"
           + (f", webhook {webhook.display}" if webhook else "") + f", clips {srv.clips_dir}"
-          + (f", Home Assistant discovery under {args.ha_prefix}/" if ha else ""), flush=True)
+          + (f", Home Assistant discovery under {args.ha_prefix}/" if ha else "")
+          + (f", console {http.url}" if http else ""), flush=True)
     try:
         while not done.wait(1.0):
             pass
     finally:
+        if http is not None:
+            http.stop()
         srv.stop()
         store.close()
     c = srv.counts

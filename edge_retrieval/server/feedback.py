@@ -1,0 +1,125 @@
+"""Feedback and revisions of an alert: re-sign the stored query message with a new version.
+
+A detection's final update carries its peak window's vectors (``Event.vectors``); they are kept
+beside the detection. "false alarm" adds them to the alert's ``negatives``, "correct" to its
+``positives`` (the newest ``MAX_EXAMPLES`` are kept), and the alert is published again with a
+higher version, so every device swaps the query in place (pipeline/feedback.py decides what a
+negative suppresses). A new threshold is the same revision path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import ConfigError, QueryRejected, StoreError
+from ..protocol import MAX_EXAMPLES, Event, Example, QueryMessage, VectorPayload, utcnow
+from .alerts import AlertManager, next_version
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["false_alarm", "correct"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS event_vectors (
+    device TEXT NOT NULL, event_id TEXT NOT NULL, vectors TEXT NOT NULL, PRIMARY KEY (device, event_id)
+);
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, user TEXT NOT NULL, device TEXT NOT NULL,
+    event_id TEXT NOT NULL, alert_id TEXT NOT NULL, kind TEXT NOT NULL, version INTEGER NOT NULL
+);
+"""
+
+
+class Feedback:
+    """Event vectors, feedback records and alert revisions (own connection to the server's SQLite)."""
+
+    def __init__(self, path: str | Path, alerts: AlertManager) -> None:
+        self.path = Path(path).expanduser()
+        self.alerts = alerts
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=15)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open server database {str(self.path)!r}: {exc}") from exc
+
+    def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        try:
+            with self._lock:
+                return self._db.execute(sql, args)
+        except sqlite3.Error as exc:
+            raise StoreError(f"server database {str(self.path)!r}: {exc}") from exc
+
+    def on_event(self, ev: Event, new: bool) -> None:
+        """FleetServer listener: keep the vectors an event carries (its final update has them)."""
+        if ev.vectors:
+            payload = json.dumps([v.model_dump(mode="json", exclude_none=True) for v in ev.vectors])
+            self._exec("INSERT INTO event_vectors VALUES (?,?,?) ON CONFLICT(device, event_id) DO UPDATE SET "
+                       "vectors=excluded.vectors", (ev.device, ev.event_id, payload))
+
+    def example(self, device: str, event_id: str) -> Example | None:
+        r = self._exec("SELECT vectors FROM event_vectors WHERE device=? AND event_id=?", (device, event_id)).fetchone()
+        if r is None:
+            return None
+        return Example(vectors=[VectorPayload.model_validate(v) for v in json.loads(r[0])], event_id=event_id)
+
+    def given(self, device: str, event_id: str) -> list[dict[str, Any]]:
+        rows = self._exec("SELECT time, user, kind, version FROM feedback WHERE device=? AND event_id=? ORDER BY id",
+                          (device, event_id)).fetchall()
+        return [{"time": t, "user": u, "kind": k, "version": v} for t, u, k, v in rows]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """alert id -> {"false_alarm": n, "correct": n} given so far."""
+        out: dict[str, dict[str, int]] = {}
+        for a, k, n in self._exec("SELECT alert_id, kind, count(*) FROM feedback GROUP BY alert_id, kind").fetchall():
+            out.setdefault(a, {"false_alarm": 0, "correct": 0})[k] = n
+        return out
+
+    # ------------------------------------------------------------------ revisions
+
+    def revise(self, alert_id: str, *, threshold: float | None = None, negative: Example | None = None,
+               positive: Example | None = None) -> dict[str, Any]:
+        """Publish the alert again, re-signed with a new version, with the given changes."""
+        held = self.alerts.store.alert(alert_id)
+        if held is None or held["deleted"]:
+            raise ConfigError(f"no active alert {alert_id!r}")
+        msg = QueryMessage.model_validate_json(held["message"])
+        upd: dict[str, Any] = {"version": next_version(held["version"]), "created": utcnow(), "signature": None}
+        if threshold is not None:
+            lo = -1.0 if msg.vectors and all(v.encoding != "sparse" for v in msg.vectors) else 0.0
+            if not lo <= threshold <= 1.0:
+                raise QueryRejected(f"threshold {threshold!r} is out of range [{lo}, 1]")
+            upd["threshold"] = float(threshold)
+        if negative is not None:
+            upd["negatives"] = [*msg.negatives, negative][-MAX_EXAMPLES:]
+        if positive is not None:
+            upd["positives"] = [*msg.positives, positive][-MAX_EXAMPLES:]
+        new = QueryMessage.model_validate({**msg.model_dump(by_alias=True), **upd})
+        return self.alerts.publish(new, held["target_kind"], held["target"])
+
+    def give(self, user: str, detection: dict[str, Any], kind: Kind) -> dict[str, Any]:
+        """Apply "false alarm" or "correct" to a stored detection; returns the revised alert."""
+        if kind not in ("false_alarm", "correct"):
+            raise ConfigError(f"feedback kind {kind!r} is not valid (expected false_alarm or correct)")
+        ex = self.example(detection["device"], detection["event_id"])
+        if ex is None:
+            raise QueryRejected(f"detection {detection['event_id']!r} carries no window vector yet "
+                                "(its final update has not arrived, or its device predates feedback)")
+        alert = self.revise(detection["query_id"], negative=ex if kind == "false_alarm" else None,
+                            positive=ex if kind == "correct" else None)
+        self._exec("INSERT INTO feedback (time, user, device, event_id, alert_id, kind, version) VALUES (?,?,?,?,?,?,?)",
+                   (utcnow(), user, detection["device"], detection["event_id"], detection["query_id"], kind,
+                    alert["version"]))
+        log.info("feedback %s on %s by %s: alert %s now v%d", kind, detection["event_id"][:8], user,
+                 detection["query_id"], alert["version"])
+        return alert
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
