@@ -152,7 +152,7 @@ def test_console_in_a_browser(tmp_path: Path, broker, birdnet_bundle) -> None:  
                 if (a.readyState >= 1) ok(a.duration); a.onloadedmetadata = () => ok(a.duration);
                 a.onerror = () => ok(-1); a.load(); })""")
             assert dur > 1.0, dur
-            page.wait_for_function(f"document.querySelector('{a_row} img.spec').naturalWidth > 0")
+            page.wait_for_function(f"() => document.querySelector('{a_row} img.spec').naturalWidth > 0")
             assert "<script>" not in page.locator(f"{a_row}").inner_html()
             assert "<script>alert(1)</script> ridge" in page.locator(f"{a_row}").inner_text()  # shown as text
             page.screenshot(path=str(IMG / "console-detections.png"), full_page=True)
