@@ -28,6 +28,7 @@ import io
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -622,7 +623,8 @@ def add_yamnet_expert(w: BundleWriter, steps: StepLog, *, threads: int = 2, prec
                 w.register(ONNX_INT8, "device")
                 file = ONNX_INT8
             else:
-                print(f"int8 misses the accuracy budget ({quant['achieved']}); shipping fp32", flush=True)
+                print(f"warning: YAMNet int8 misses the accuracy budget ({quant['achieved']}); shipping fp32",
+                      file=sys.stderr, flush=True)
     frontend_spec = FrontendSpec(kind="yamnet_logmel", params=fe_params)
     source_digest = sha256_file(files.saved_model / "variables" / "variables.index")
     digest = expert_space_digest(space_kind="labels", source_digest=source_digest, frontend=frontend_spec,
