@@ -76,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_yamnet(df)
     df.add_argument("--parity-windows", type=int, default=200, help="windows per expert checked against its "
                     "reference runtime (default 200; YAMNet at least 300)")
+    df.add_argument("--yamnet-label-texts", type=Path, default=None,
+                    help="reviewed AudioSet label texts CSV (default: export/data/audioset_label_texts.csv if "
+                    "present, else the class map's display names)")
     df.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     clap = sub.add_parser("clap", help="a CLAP checkpoint (joint space)")
     try:  # the CLAP exporter is another module: its failure must not block ``export birdnet``
@@ -104,7 +107,8 @@ def main(args: argparse.Namespace) -> int:
 
         _check_common(args)
         b = export_default(args.out, threads=args.threads, yamnet_precision=args.precision,
-                           parity_audio=args.parity_audio, parity_windows=args.parity_windows, quiet=args.quiet)
+                           parity_audio=args.parity_audio, parity_windows=args.parity_windows,
+                           yamnet_label_texts=args.yamnet_label_texts, quiet=args.quiet)
         print(_summary(b))
         return 0
     if args.family == "birdnet":

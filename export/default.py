@@ -72,7 +72,7 @@ def export_default(
             manifest = {
                 "name": f"{NAME}-{precision}",
                 "licence": LICENCE,
-                "licence_note": LICENCE_NOTE,
+                "licence_note": " ".join([LICENCE_NOTE, ym.notes.get("label_texts_licence", "")]).strip(),
                 "space": {"kind": "labels", "id": space_id("labels", [(birdnet.EXPERT, bn.digest),
                                                                       (yamnet.EXPERT, ym.digest)])},
                 "device": {"experts": [bn.spec, ym.spec], "hop_s": birdnet.HOP_S},

