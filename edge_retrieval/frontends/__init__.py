@@ -32,6 +32,7 @@ _MODULES: dict[str, str] = {
     "birdnet": "edge_retrieval.frontends.birdnet",
     "clap_logmel": "edge_retrieval.frontends.clap",
     "aisfx_logmel": "edge_retrieval.frontends.aisfx",
+    "yamnet_logmel": "edge_retrieval.frontends.yamnet",
 }
 
 

