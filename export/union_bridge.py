@@ -188,3 +188,45 @@ def add_union_bridge(w: BundleWriter, encoder: Any, enc_info: Mapping[str, Any],
     floors, basis = fit_floors(encoder, index)
     params = union_params(INDEX_FILE, index, floors, basis, enc_info, text_onnx, tokenizer)
     return [{"expert": name, "kind": "union_bridge", "params": params} for name in labels]
+
+
+def with_union_bridge(src: str | Path, out: str | Path, *, threads: int = 2, progress: bool = True) -> Any:
+    """Copy a labels bundle with BirdNET and YAMNet experts to ``out``, its text side replaced by
+    the union bridge (the experts' own label indexes are kept as files but no longer named)."""
+    from edge_retrieval.bundle import load_bundle
+    from edge_retrieval.text.sentence import SentenceEncoder
+
+    b = load_bundle(src, part="all")
+    server = b.require_server()
+    first = server.text[0].params
+    for key in ("encoder", "tokenizer", "max_tokens", "model", "dim"):
+        if key not in first:
+            raise ExportError(f"bundle {str(src)!r}: its first text side has no {key!r} (expected a label_bridge)")
+    labels = {e: b.labels(e) for e in b.manifest.expert_names}
+    reuse = {t.expert: LabelIndex.load(b.path(t.params["index"])) for t in server.text if t.kind == "label_bridge"}
+    m = b.manifest.model_dump(mode="json", exclude={"files"})
+    with BundleWriter(out) as w:
+        for rel, entry in b.manifest.files.items():
+            w.add_file(b.path(rel), rel, entry.part)
+        senc = SentenceEncoder(b.path(first["encoder"]), b.path(first["tokenizer"]), threads=threads)
+        m["server"]["text"] = add_union_bridge(w, senc, first, labels, text_onnx=first["encoder"],
+                                               tokenizer=first["tokenizer"], reuse=reuse, progress=progress)
+        return w.commit(m)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m edge_retrieval.export.union_bridge --bundle SRC --out DIR``."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Replace a BirdNET + YAMNet bundle's text side by the union bridge.")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    b = with_union_bridge(a.bundle, a.out, threads=a.threads)
+    print(f"wrote {b.root}: text sides {[(t.expert, t.kind) for t in b.manifest.server.text]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
