@@ -268,10 +268,10 @@ def read_label_texts(path: Path = DATA_CSV, n: int | None = None) -> list[tuple[
     out = []
     for i, row in enumerate(rows):
         if row.get("index") != str(i) or not row.get("mid") or not row.get("label"):
-            raise ExportError(f"{str(path)!r} row {i + 2}: expected index {i} with a mid and a label, "
+            raise ExportError(f"{str(path)!r} line {i + 2}: expected index {i} with a mid and a label, "
                               f"got {row!r}; regenerate it (python -m edge_retrieval.export.audioset_labels)")
         if row.get("kind") not in KINDS or not (row.get("text") or "").strip():
-            raise ExportError(f"{str(path)!r} row {i + 2}: kind must be one of {KINDS} and text non-empty")
+            raise ExportError(f"{str(path)!r} line {i + 2}: kind {row.get('kind')!r} must be one of {KINDS} and text non-empty")
         out.append((row["mid"], row["label"], row["kind"], row["text"].strip()))
     if n is not None and len(out) != n:
         raise ExportError(f"{str(path)!r}: {len(out)} classes, the model has {n}")

@@ -220,3 +220,46 @@ def test_resolve_needs_no_torch_transformers_or_tensorflow(union_files: dict[str
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads(p.stdout.strip().splitlines()[-1]) == {"top": "Chainsaw", "heavy": []}
+
+
+def _two_expert_bundle() -> Path | None:
+    """A real BirdNET + YAMNet bundle (the default export) under $EDGE_RETRIEVAL_BUNDLE_CACHE, if any."""
+    cache = os.environ.get("EDGE_RETRIEVAL_BUNDLE_CACHE")
+    for d in sorted(Path(cache).iterdir()) if cache and Path(cache).is_dir() else []:
+        try:
+            m = json.loads((d / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if {e["name"] for e in m["device"]["experts"]} == {"birdnet", "yamnet"} and m.get("server"):
+            return d
+    return None
+
+
+def test_query_builder_weights_are_the_union_gates(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from edge_retrieval.export.union_bridge import with_union_bridge
+
+    from edge_retrieval.bundle import load_bundle
+    from edge_retrieval.text import QueryBuilder
+
+    src = _two_expert_bundle()
+    if src is None:
+        pytest.skip("no BirdNET + YAMNet bundle under $EDGE_RETRIEVAL_BUNDLE_CACHE (edge-retrieval export default)")
+    out = tmp_path_factory.mktemp("union-bundle") / "b"
+    with_union_bridge(src, out, progress=False)
+    b = load_bundle(out, part="all")
+    assert [t.kind for t in b.manifest.server.text] == ["union_bridge", "union_bridge"]
+    qb = QueryBuilder(b)
+    assert qb.sides[0].core is qb.sides[1].core  # one index, one encoder
+    for text, heavy in (("bird singing", None), ("chainsaw sound", "yamnet"), ("American robin", "birdnet")):
+        msg, res = qb.build(text, "q1", threshold=0.3)
+        gates = [r.extra["gate"] for r in res]
+        assert msg.weights == pytest.approx(gates) and abs(sum(msg.weights) - 1) < 1e-9
+        assert [v.expert for v in msg.vectors] == b.manifest.expert_names
+        if heavy:
+            assert dict(zip(b.manifest.expert_names, msg.weights, strict=True))[heavy] > 0.9, (text, gates)
+        else:
+            assert min(msg.weights) > 0.4, (text, gates)
+    from edge_retrieval.matcher import compile_query
+
+    cq = compile_query(msg, b.manifest)
+    assert set(cq.sparse) == {"birdnet", "yamnet"}
