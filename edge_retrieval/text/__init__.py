@@ -2,6 +2,8 @@
 
 Each ``TextSpec.kind`` of a manifest names a registered ``TextSide`` factory:
 - ``label_bridge``: sentence encoder over label texts -> sparse softmax weights (labels space),
+- ``union_bridge``: one label bridge over several experts' labels -> a sparse vector per expert
+  and the expert weights (``extra["gate"]``), one text side per expert sharing one index,
 - ``joint``: a text tower that gives a unit vector (CLAP),
 - ``projected``: a trained text projection (mixture of experts).
 ``build_query`` turns a text into a signed-ready ``QueryMessage`` for a bundle.
@@ -66,6 +68,7 @@ class TextSide(ABC):
 _REGISTRY: dict[str, Callable[[Bundle, TextSpec], TextSide]] = {}
 _MODULES: dict[str, str] = {
     "label_bridge": "edge_retrieval.text.label_bridge",
+    "union_bridge": "edge_retrieval.text.union_bridge",
     "joint": "edge_retrieval.text.joint",
     "projected": "edge_retrieval.text.projected",
 }

@@ -1,0 +1,341 @@
+"""Per-label logit calibration: make the labels (and experts) of a labels bundle comparable.
+
+The device scores a query as ``sum_e w_e sum_l w_l sigmoid(z_l)``. Raw logits are not on one
+scale: a BirdNET species sits near -12 on background while YAMNet's "Speech" or "Vehicle" sits
+near 0, so the same score means different things per label and per expert. We shift each
+label's logit, ``z' = scale * z + offset``, so that
+
+    **every label's 99th percentile on background windows maps to the same probability**
+    (``TARGET`` = 0.1): on recordings where its sound is absent, any label reaches 0.1 on one
+    window in a hundred (about once per 100 s at the 1 s hop), and a query's threshold above
+    0.1 means "rarer than the background tail" whichever labels and experts it mixes.
+
+- q = 0.99 (``QUANTILE``): the tail is what makes false alarms, the median says nothing about
+  it. Chosen on the fixture DEV half: 15 queries scored with ONE threshold (pooled windows,
+  the way a default threshold works), AP 0.566 uncalibrated, 0.574 / 0.621 / 0.634 with
+  q = 0.95 / 0.98 / 0.99 (pooled ROC AUC 0.941 -> 0.948-0.950). With the ~2,000 background
+  windows (fixture dev + captions train), q = 0.99 rests on ~20 tail windows per label;
+- background for a label excludes the windows of clips whose own description is of the label's
+  kind (a dog clip is not background for dog labels): ``kind_exclusions``;
+- shrinkage: the quantile of a label with few background windows is noisy (it rests on
+  ``t = n (1 - q)`` tail windows), so its offset is pulled toward its expert's median offset:
+  ``offset = m + t / (t + K0) * (raw - m)``, K0 = 5 tail windows;
+- ``scale`` stays 1 (``fit_calibration`` can fit it from a second quantile, not used): a slope
+  per label needs positives, which background windows do not have.
+
+The offsets are folded into the expert's ONNX graph (an ``Add`` after its logits output,
+``fold_into_onnx``), so the device runtime does not change; the numbers go to the manifest's
+``notes.calibration`` (``calibration_record``). Fit on the DEV half of the fixture and the
+captions TRAIN split only (``background_clips``), never on test or validation audio.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_retrieval.errors import ExportError
+
+QUANTILE = 0.99
+TARGET = 0.1
+K0 = 5.0
+OFFSET_NAME = "calibration_offset"
+SCALE_NAME = "calibration_scale"
+
+
+def _logit(p: float) -> float:
+    return float(np.log(p / (1.0 - p)))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-label ``z' = scale * z + offset`` and what it was fitted on."""
+
+    offset: np.ndarray  # [L] float32
+    scale: np.ndarray  # [L] float32
+    background_quantile: np.ndarray  # [L] raw logit quantile on each label's background windows
+    n_background: np.ndarray  # [L] background windows per label
+    quantile: float
+    target: float
+    k0: float
+
+    def apply(self, logits: np.ndarray) -> np.ndarray:
+        """The calibrated logits (numpy reference of the folded graph)."""
+        return (logits * self.scale + self.offset).astype(np.float32)
+
+
+def fit_calibration(logits: np.ndarray, exclude: np.ndarray | None = None, quantile: float = QUANTILE,
+                    target: float = TARGET, k0: float = K0) -> Calibration:
+    """Offsets from a ``[N, L]`` matrix of background logits (see the module doc).
+
+    ``exclude`` [N, L] bool: windows that are NOT background for a label (its own sound). A
+    label left with no background window gets its expert's median offset.
+    """
+    z = np.asarray(logits, np.float64)
+    if z.ndim != 2 or z.shape[0] < 2:
+        raise ExportError(f"calibration needs a [windows, labels] logit matrix with >= 2 windows, got {z.shape}")
+    if not 0.5 <= quantile < 1 or not 0 < target < 1 or k0 < 0:
+        raise ExportError(f"calibration: quantile {quantile!r} must be in [0.5, 1), target {target!r} in (0, 1), k0 >= 0")
+    if exclude is not None and exclude.shape != z.shape:
+        raise ExportError(f"calibration: exclude has shape {exclude.shape}, logits {z.shape}")
+    masked = np.where(exclude, np.nan, z) if exclude is not None else z
+    n = np.sum(~np.isnan(masked), axis=0)
+    with np.errstate(all="ignore"):
+        q = np.nanquantile(masked, quantile, axis=0) if exclude is not None else np.quantile(z, quantile, axis=0)
+    raw = _logit(target) - q
+    m = float(np.nanmedian(raw))
+    t = n * (1.0 - quantile)
+    shrink = np.where(n > 0, t / (t + k0) if k0 > 0 else 1.0, 0.0)
+    offset = np.where(n > 0, m + shrink * (np.nan_to_num(raw) - m), m)
+    return Calibration(offset.astype(np.float32), np.ones(z.shape[1], np.float32), q.astype(np.float32),
+                       n.astype(np.int64), quantile, target, k0)
+
+
+def fold_into_onnx(src: str | Path, dst: str | Path, output_name: str, cal: Calibration) -> None:
+    """Write ``src`` with ``output = scale * output + offset`` after ``output_name`` to ``dst``.
+
+    The producing node's output is renamed ``<name>_uncalibrated`` and a Mul (only if a scale is
+    not 1) and an Add restore ``<name>``: the graph's interface is unchanged. Refuses a graph that
+    is already calibrated.
+    """
+    try:
+        import onnx
+        from onnx import helper, numpy_helper
+    except ImportError as exc:
+        raise ImportError("onnx is needed to fold a calibration: pip install 'edge-retrieval[export]'") from exc
+    model = onnx.load(str(src))
+    g = model.graph
+    if any(i.name == OFFSET_NAME for i in g.initializer):
+        raise ExportError(f"{str(src)!r} is already calibrated (has {OFFSET_NAME!r})")
+    outs = [o for o in g.output if o.name == output_name]
+    if not outs:
+        raise ExportError(f"{str(src)!r} has no output {output_name!r}; outputs: {[o.name for o in g.output]}")
+    dims = outs[0].type.tensor_type.shape.dim
+    if dims and dims[-1].HasField("dim_value") and dims[-1].dim_value != cal.offset.shape[0]:
+        raise ExportError(f"{str(src)!r}: output {output_name!r} has {dims[-1].dim_value} labels, calibration {cal.offset.shape[0]}")
+    raw = f"{output_name}_uncalibrated"
+    for node in g.node:
+        node.output[:] = [raw if o == output_name else o for o in node.output]
+        node.input[:] = [raw if i == output_name else i for i in node.input]
+    x = raw
+    if not np.all(cal.scale == 1.0):
+        g.initializer.append(numpy_helper.from_array(cal.scale.astype(np.float32), SCALE_NAME))
+        g.node.append(helper.make_node("Mul", [x, SCALE_NAME], [f"{output_name}_scaled"], name="calibration_mul"))
+        x = f"{output_name}_scaled"
+    g.initializer.append(numpy_helper.from_array(cal.offset.astype(np.float32), OFFSET_NAME))
+    g.node.append(helper.make_node("Add", [x, OFFSET_NAME], [output_name], name="calibration_add"))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+
+
+def calibration_record(cal: Calibration, sources: str, file: str | None = None) -> dict[str, Any]:
+    """What the manifest keeps (``notes.calibration.<expert>``): rule, numbers, where from."""
+    return {
+        "rule": (f"per label, offset = logit({cal.target}) - (q{cal.quantile:g} of its logit on background windows), "
+                 f"shrunk toward the expert's median offset by t/(t+{cal.k0:g}), t = windows x (1-q); "
+                 "folded into the ONNX graph (Add after the logits output); export/calibration.py"),
+        "quantile": cal.quantile,
+        "target_probability": cal.target,
+        "k0": cal.k0,
+        "sources": sources,
+        "windows_max": int(cal.n_background.max()),
+        "windows_min": int(cal.n_background.min()),
+        "offset": {"min": round(float(cal.offset.min()), 3), "median": round(float(np.median(cal.offset)), 3),
+                   "max": round(float(cal.offset.max()), 3)},
+        **({"file": file} if file else {}),
+    }
+
+
+def save_calibration(cal: Calibration, path: str | Path) -> None:
+    np.savez(path, offset=cal.offset, scale=cal.scale, background_quantile=cal.background_quantile,
+             n_background=cal.n_background, quantile=cal.quantile, target=cal.target, k0=cal.k0)
+
+
+# --------------------------------------------------------------------------- background audio
+
+
+@dataclass(frozen=True)
+class BackgroundClip:
+    path: Path
+    text: str  # what the clip is of (fixture category or caption): its own kinds are excluded
+    source: str  # "fixture-dev" | "captions-train"
+
+
+def background_clips(repo: Path, sounds: Path | None, captions_root: Path | None, seed: int = 0) -> list[BackgroundClip]:
+    """The fixture's DEV half and the captions' TRAIN split (by package, as ``edge-retrieval
+    train`` splits it with ``seed``); never the fixture test half or the captions validation/dev."""
+    from .train import read_captions, resolve_audio, split_packages
+
+    out: list[BackgroundClip] = []
+    if sounds is not None:
+        with open(repo / "data" / "fixture.csv", newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                if row["split"] != "dev":
+                    continue
+                p = sounds / row["category"] / f"{row['clip_id']}.wav"
+                if p.is_file():
+                    text = row["category"].removeprefix("distractor_").replace("_", " ")
+                    out.append(BackgroundClip(p, text, "fixture-dev"))
+    if captions_root is not None:
+        csv_path = repo / "data" / "captions.csv"
+        clips = read_captions(csv_path)
+        split = split_packages(clips, seed)
+        for c in clips:
+            if split[c.package] != "train":
+                continue
+            try:
+                p = resolve_audio(c, captions_root, csv_path.parent)
+            except Exception:  # noqa: BLE001  (SourceError: not fetched; the clip is skipped, counted by the caller)
+                continue
+            out.append(BackgroundClip(p, c.caption, "captions-train"))
+    return out
+
+
+def window_logits(bundle: Any, paths: Sequence[Path], threads: int = 2, batch: int = 32,
+                  progress: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Raw logits of every labels expert on every window (the device's hop and windows) of each
+    file: ({expert: [N, L]}, clip index of each window [N])."""
+    from edge_retrieval.expert import load_experts
+    from edge_retrieval.sources import FileSource
+    from edge_retrieval.windows import ExpertWindowing, Windower
+
+    experts = [e for e in load_experts(bundle, threads) if e.spec.output_kind == "logits"]
+    if not experts:
+        raise ExportError(f"bundle {bundle.manifest.name!r} has no logits expert to calibrate")
+    outs: dict[str, list[np.ndarray]] = {e.name: [] for e in experts}
+    owner: list[int] = []
+    pending: list[Any] = []
+    it: Iterable[tuple[int, Path]] = enumerate(paths)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(list(it), desc="background windows", unit="clip", leave=False)
+
+    def drain() -> None:
+        for e in experts:
+            x = np.stack([t.windows[e.name] for t, _ in pending])
+            outs[e.name].append(e.encode(e.features(x))[0].astype(np.float32))
+        owner.extend(i for _, i in pending)
+        pending.clear()
+
+    for i, path in it:
+        src = FileSource(path)
+        win = Windower([ExpertWindowing(e.name, e.sample_rate, e.spec.window_s) for e in experts],
+                       src.sample_rate, bundle.manifest.device.hop_s)
+        for block in src.blocks():
+            for tick in win.push(block):
+                pending.append((tick, i))
+        pending.extend((t, i) for t in win.flush())
+        if len(pending) >= batch:
+            drain()
+    if pending:
+        drain()
+    return {k: np.concatenate(v) for k, v in outs.items()}, np.asarray(owner, np.int64)
+
+
+def kind_exclusions(texts: Sequence[str], owner: np.ndarray, label_kinds: Mapping[str, np.ndarray],
+                    kinds_of_text: Callable[[str], set[int]]) -> dict[str, np.ndarray]:
+    """Per expert, ``[N, L]`` True where window n's clip is described as label l's kind."""
+    clip_kinds = [kinds_of_text(t) for t in texts]
+    out = {}
+    for name, lk in label_kinds.items():
+        per_clip = np.stack([np.isin(lk, list(ks)) for ks in clip_kinds]) if clip_kinds else np.zeros((0, lk.size), bool)
+        out[name] = per_clip[owner]
+    return out
+
+
+# --------------------------------------------------------------------------- a calibrated bundle
+
+
+def union_kinds_of_text(bundle: Any, min_mass: float = 0.1) -> tuple[Callable[[str], set[int]], dict[str, np.ndarray]]:
+    """(text -> kinds it is about, expert -> [L] kind of each label) from the bundle's union bridge."""
+    from edge_retrieval.text import make_text_side
+    from edge_retrieval.text.union_bridge import UnionSide
+
+    spec = next((t for t in bundle.require_server().text if t.kind == "union_bridge"), None)
+    if spec is None:
+        raise ExportError(f"bundle {bundle.manifest.name!r} has no union_bridge text side: background windows "
+                          "cannot be told from their clips' own sounds")
+    side = make_text_side(bundle, spec)
+    assert isinstance(side, UnionSide)
+    core = side.core
+    names = core.index.labels.kind_names
+
+    def kinds_of_text(text: str) -> set[int]:
+        r = core.resolve_all(text)[spec.expert]
+        return {names.index(k) for k, m in r.extra["kind_mass"].items() if m >= min_mass}
+
+    label_kinds = {e: core.index.labels.label_kind[core.index.expert_slice(i)] for i, e in enumerate(core.params.experts)}
+    return kinds_of_text, label_kinds
+
+
+def calibrate_bundle(src: str | Path, out: str | Path, clips: Sequence[BackgroundClip], *, threads: int = 2,
+                     quantile: float = QUANTILE, target: float = TARGET, k0: float = K0,
+                     progress: bool = True) -> Any:
+    """Copy the bundle at ``src`` to ``out`` with every logits expert calibrated on ``clips``."""
+    from edge_retrieval.bundle import BundleWriter, load_bundle
+
+    if not clips:
+        raise ExportError("no background clips: fetch the fixture (scripts/fetch_sounds.py) and the captions set")
+    b = load_bundle(src, part="all")
+    if any(str(c.path).startswith(str(Path(src).resolve())) for c in clips):
+        raise ExportError("background clips must not come from inside the bundle")
+    kinds_of_text, label_kinds = union_kinds_of_text(b)
+    logits, owner = window_logits(b, [c.path for c in clips], threads=threads, progress=progress)
+    exclude = kind_exclusions([c.text for c in clips], owner, {e: label_kinds[e] for e in logits}, kinds_of_text)
+    sources = (f"{len(clips)} clips, {len(owner)} windows at hop {b.manifest.device.hop_s} s: "
+               + ", ".join(f"{s} {sum(c.source == s for c in clips)}" for s in sorted({c.source for c in clips})))
+    cals = {e: fit_calibration(z, exclude[e], quantile, target, k0) for e, z in logits.items()}
+    files = {b.manifest.expert(e).file: e for e in cals}
+    m = b.manifest.model_dump(mode="json", exclude={"files"})
+    with BundleWriter(out) as w:
+        for rel, entry in b.manifest.files.items():
+            if rel in files:
+                fold_into_onnx(b.path(rel), w.dest(rel), b.manifest.expert(files[rel]).output_name, cals[files[rel]])
+                w.register(rel, entry.part)
+            else:
+                w.add_file(b.path(rel), rel, entry.part)
+        notes = dict(m.get("notes") or {})
+        notes["calibration"] = {}
+        for e, cal in cals.items():
+            rel = f"{e}/calibration.npz"
+            save_calibration(cal, w.dest(rel))
+            w.register(rel, "server")
+            notes["calibration"][e] = calibration_record(cal, sources, rel)
+        m["notes"] = notes
+        return w.commit(m)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m edge_retrieval.export.calibration --bundle RAW --out DIR``."""
+    import argparse
+
+    from .train import default_audio_root
+
+    p = argparse.ArgumentParser(description="Calibrate every logits expert of a bundle on background windows.")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle with a union_bridge text side (uncalibrated)")
+    p.add_argument("--out", type=Path, required=True, help="calibrated bundle to write (must not exist)")
+    p.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent,
+                   help="repository root with data/fixture.csv and data/captions.csv")
+    p.add_argument("--sounds", type=Path, default=default_audio_root(), help="fixture clips (scripts/fetch_sounds.py)")
+    p.add_argument("--captions-root", type=Path, default=None, help="captions audio root (package/path.wav)")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    for name in ("sounds", "captions_root"):
+        v = getattr(a, name)
+        if v is not None and not v.is_dir():
+            raise ExportError(f"--{name.replace('_', '-')} {str(v)!r} is not a directory")
+    clips = background_clips(a.repo, a.sounds, a.captions_root)
+    b = calibrate_bundle(a.bundle, a.out, clips, threads=a.threads)
+    for e, rec in b.manifest.notes["calibration"].items():
+        print(f"{e}: offsets {rec['offset']} on {rec['sources']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
