@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--daemon", nargs="?", const="demo", default=None, metavar="FILE",
                    help="daemon end to end on FILE (default: the demo's stream of real recordings)")
     p.add_argument("--matcher", action="store_true", help="matcher from 1 to 100,000 queries")
+    p.add_argument("--experts", type=Path, nargs="+", default=None, metavar="BUNDLE",
+                   help="CPU per hop of whole bundles interleaved (first = reference, at the first --threads) "
+                        "and each daemon's peak RSS, e.g. a BirdNET-only, a YAMNet-only and the default bundle")
     p.add_argument("--threads", type=_int_list, default=[1, 2, 4], help="thread counts (default 1,2,4)")
     p.add_argument("--repeats", type=int, default=30, help="measured rounds per variant (default 30)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up rounds per variant (default 3)")
@@ -61,6 +64,9 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--repeats {args.repeats!r} must be >= 1")
     if args.warmup < 0:
         raise ConfigError(f"--warmup {args.warmup!r} must be >= 0")
+    for b in args.experts or []:
+        if not (b / "manifest.json").is_file():
+            raise ConfigError(f"--experts {str(b)!r}: no bundle there (expected a directory with manifest.json)")
     if args.daemon not in (None, "demo") and not Path(args.daemon).is_file():
         raise ConfigError(f"--daemon {args.daemon!r}: no such recording (expected a WAV/FLAC/OGG file)")
     if args.plot is not None and args.plot.exists() and not args.plot.is_dir():
@@ -79,7 +85,7 @@ def _sounds(args: argparse.Namespace) -> Path | None:
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Run the selected parts; the results object that ``--json`` writes."""
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
-    everything = not (args.encoders or args.daemon or args.matcher)
+    everything = not (args.encoders or args.daemon or args.matcher or args.experts)
     name = args.board or "unnamed"
     results: dict[str, Any] = {
         "schema": SCHEMA,
@@ -117,6 +123,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             results["matcher_blas1"] = bench_matcher(
                 sizes, repeats=args.repeats, warmup=args.warmup, progress=say, blas_threads=1, detector_max=0
             )
+    if args.experts:
+        from .experts_bench import bench_experts
+
+        results["experts"] = bench_experts(args.experts, threads=args.threads[0], repeats=args.repeats,
+                                           warmup=args.warmup, progress=say)
     results["board"]["load_average_end"] = load_average()
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return results
@@ -137,4 +148,8 @@ def main(args: argparse.Namespace) -> int:
         files = plot(results, args.plot)
         print(f"bench: {len(files)} plot(s) in {args.plot}", file=sys.stderr)
     print(render([results]))
+    if "experts" in results:
+        from .experts_bench import table
+
+        print(table(results["experts"]))
     return 0

@@ -175,6 +175,7 @@ def bench_daemon(
     queries: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
     memory_variants: bool = True,
+    max_batch: int = 8,
 ) -> dict[str, Any]:
     """Each config in a fresh subprocess; per-stage CPU s per audio s, peak RSS, bundle size.
 
@@ -198,7 +199,7 @@ def bench_daemon(
         say(f"daemon: compiling {len(queries)} queries")
         qfile = Path(tmp) / "queries.json"
         qfile.write_text(json.dumps(compile_queries(bundle_dir, queries)))
-        configs = [(t, 8, True) for t in threads]
+        configs = [(t, max_batch, True) for t in threads]
         if memory_variants:
             configs += [(threads[0], 1, True), (threads[0], 8, False)]
         runs = []

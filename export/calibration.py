@@ -44,6 +44,7 @@ from edge_retrieval.errors import ExportError
 QUANTILE = 0.99
 TARGET = 0.1
 K0 = 5.0
+CALIBRATION_DIR = Path(__file__).resolve().parent / "data" / "calibration"  # committed fits
 OFFSET_NAME = "calibration_offset"
 SCALE_NAME = "calibration_scale"
 
@@ -156,6 +157,18 @@ def save_calibration(cal: Calibration, path: str | Path) -> None:
              n_background=cal.n_background, quantile=cal.quantile, target=cal.target, k0=cal.k0)
 
 
+def load_calibration(path: str | Path) -> Calibration:
+    """A calibration written by ``save_calibration``; ExportError names a missing or broken file."""
+    try:
+        z = np.load(path)
+        return Calibration(z["offset"].astype(np.float32), z["scale"].astype(np.float32),
+                           z["background_quantile"].astype(np.float32), z["n_background"].astype(np.int64),
+                           float(z["quantile"]), float(z["target"]), float(z["k0"]))
+    except (OSError, KeyError, ValueError) as exc:
+        raise ExportError(f"calibration file {str(path)!r} is missing or broken ({exc}); "
+                          "regenerate it with python -m edge_retrieval.export.calibration") from exc
+
+
 # --------------------------------------------------------------------------- background audio
 
 
@@ -200,11 +213,11 @@ def window_logits(bundle: Any, paths: Sequence[Path], threads: int = 2, batch: i
                   progress: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Raw logits of every labels expert on every window (the device's hop and windows) of each
     file: ({expert: [N, L]}, clip index of each window [N])."""
-    from edge_retrieval.expert import load_experts
-    from edge_retrieval.sources import FileSource
-    from edge_retrieval.windows import ExpertWindowing, Windower
+    from edge_retrieval.device.sources import FileSource
+    from edge_retrieval.pipeline.core import Pipeline
 
-    experts = [e for e in load_experts(bundle, threads) if e.spec.output_kind == "logits"]
+    pipe = Pipeline(bundle, gate_dbfs=None, threads=threads)  # the device's windows; raw logits below
+    experts = [e for e in pipe.experts if e.spec.output_kind == "logits"]
     if not experts:
         raise ExportError(f"bundle {bundle.manifest.name!r} has no logits expert to calibrate")
     outs: dict[str, list[np.ndarray]] = {e.name: [] for e in experts}
@@ -225,12 +238,10 @@ def window_logits(bundle: Any, paths: Sequence[Path], threads: int = 2, batch: i
 
     for i, path in it:
         src = FileSource(path)
-        win = Windower([ExpertWindowing(e.name, e.sample_rate, e.spec.window_s) for e in experts],
-                       src.sample_rate, bundle.manifest.device.hop_s)
+        pipe.new_stream(src.sample_rate)
         for block in src.blocks():
-            for tick in win.push(block):
-                pending.append((tick, i))
-        pending.extend((t, i) for t in win.flush())
+            pending.extend((t, i) for t in pipe.push(block))
+        pending.extend((t, i) for t in pipe.flush())
         if len(pending) >= batch:
             drain()
     if pending:
@@ -274,52 +285,39 @@ def union_kinds_of_text(bundle: Any, min_mass: float = 0.1) -> tuple[Callable[[s
     return kinds_of_text, label_kinds
 
 
-def calibrate_bundle(src: str | Path, out: str | Path, clips: Sequence[BackgroundClip], *, threads: int = 2,
-                     quantile: float = QUANTILE, target: float = TARGET, k0: float = K0,
-                     progress: bool = True) -> Any:
-    """Copy the bundle at ``src`` to ``out`` with every logits expert calibrated on ``clips``."""
-    from edge_retrieval.bundle import BundleWriter, load_bundle
+def fit_bundle(src: str | Path, clips: Sequence[BackgroundClip], *, threads: int = 2, quantile: float = QUANTILE,
+               target: float = TARGET, k0: float = K0, progress: bool = True) -> tuple[dict[str, Calibration], str]:
+    """Fit every logits expert of the (uncalibrated, union-bridge) bundle at ``src`` on ``clips``:
+    ({expert: Calibration}, a line saying what the background was)."""
+    from edge_retrieval.bundle import load_bundle
 
     if not clips:
         raise ExportError("no background clips: fetch the fixture (scripts/fetch_sounds.py) and the captions set")
     b = load_bundle(src, part="all")
     if any(str(c.path).startswith(str(Path(src).resolve())) for c in clips):
         raise ExportError("background clips must not come from inside the bundle")
+    if "calibration" in (b.manifest.notes or {}):
+        raise ExportError(f"bundle {str(src)!r} is already calibrated: fit on an uncalibrated one (export default --no-calibration)")
     kinds_of_text, label_kinds = union_kinds_of_text(b)
     logits, owner = window_logits(b, [c.path for c in clips], threads=threads, progress=progress)
     exclude = kind_exclusions([c.text for c in clips], owner, {e: label_kinds[e] for e in logits}, kinds_of_text)
     sources = (f"{len(clips)} clips, {len(owner)} windows at hop {b.manifest.device.hop_s} s: "
                + ", ".join(f"{s} {sum(c.source == s for c in clips)}" for s in sorted({c.source for c in clips})))
-    cals = {e: fit_calibration(z, exclude[e], quantile, target, k0) for e, z in logits.items()}
-    files = {b.manifest.expert(e).file: e for e in cals}
-    m = b.manifest.model_dump(mode="json", exclude={"files"})
-    with BundleWriter(out) as w:
-        for rel, entry in b.manifest.files.items():
-            if rel in files:
-                fold_into_onnx(b.path(rel), w.dest(rel), b.manifest.expert(files[rel]).output_name, cals[files[rel]])
-                w.register(rel, entry.part)
-            else:
-                w.add_file(b.path(rel), rel, entry.part)
-        notes = dict(m.get("notes") or {})
-        notes["calibration"] = {}
-        for e, cal in cals.items():
-            rel = f"{e}/calibration.npz"
-            save_calibration(cal, w.dest(rel))
-            w.register(rel, "server")
-            notes["calibration"][e] = calibration_record(cal, sources, rel)
-        m["notes"] = notes
-        return w.commit(m)
+    return {e: fit_calibration(z, exclude[e], quantile, target, k0) for e, z in logits.items()}, sources
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m edge_retrieval.export.calibration --bundle RAW --out DIR``."""
+    """``python -m edge_retrieval.export.calibration --bundle RAW [--save export/data/calibration]``."""
     import argparse
+    import json
 
     from .train import default_audio_root
 
-    p = argparse.ArgumentParser(description="Calibrate every logits expert of a bundle on background windows.")
-    p.add_argument("--bundle", type=Path, required=True, help="bundle with a union_bridge text side (uncalibrated)")
-    p.add_argument("--out", type=Path, required=True, help="calibrated bundle to write (must not exist)")
+    p = argparse.ArgumentParser(description="Fit per-label calibrations of every logits expert of an uncalibrated "
+                                            "bundle on background windows; export default folds the saved ones.")
+    p.add_argument("--bundle", type=Path, required=True,
+                   help="uncalibrated bundle with a union_bridge text side (export default --no-calibration)")
+    p.add_argument("--save", type=Path, default=CALIBRATION_DIR, help=f"folder for EXPERT.npz (default {CALIBRATION_DIR})")
     p.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent,
                    help="repository root with data/fixture.csv and data/captions.csv")
     p.add_argument("--sounds", type=Path, default=default_audio_root(), help="fixture clips (scripts/fetch_sounds.py)")
@@ -331,9 +329,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if v is not None and not v.is_dir():
             raise ExportError(f"--{name.replace('_', '-')} {str(v)!r} is not a directory")
     clips = background_clips(a.repo, a.sounds, a.captions_root)
-    b = calibrate_bundle(a.bundle, a.out, clips, threads=a.threads)
-    for e, rec in b.manifest.notes["calibration"].items():
-        print(f"{e}: offsets {rec['offset']} on {rec['sources']}")
+    cals, sources = fit_bundle(a.bundle, clips, threads=a.threads)
+    a.save.mkdir(parents=True, exist_ok=True)
+    records = {}
+    for e, cal in cals.items():
+        save_calibration(cal, a.save / f"{e}.npz")
+        records[e] = calibration_record(cal, sources)
+        print(f"{e}: {len(cal.offset)} labels, offsets median {float(np.median(cal.offset)):.2f} -> {a.save / (e + '.npz')}")
+    (a.save / "recipe.json").write_text(json.dumps({
+        "command": "python -m edge_retrieval.export.calibration --bundle RAW --captions-root CAPTIONS",
+        "background": sources, "records": records}, indent=1, default=float) + "\n")
     return 0
 
 

@@ -79,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     df.add_argument("--yamnet-label-texts", type=Path, default=None,
                     help="reviewed AudioSet label texts CSV (default: export/data/audioset_label_texts.csv if "
                     "present, else the class map's display names)")
+    df.add_argument("--no-calibration", action="store_true",
+                    help="leave the logits uncalibrated (the bundle that python -m edge_retrieval.export.calibration "
+                    "fits the committed export/data/calibration on)")
     df.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     clap = sub.add_parser("clap", help="a CLAP checkpoint (joint space)")
     try:  # the CLAP exporter is another module: its failure must not block ``export birdnet``
@@ -108,7 +111,8 @@ def main(args: argparse.Namespace) -> int:
         _check_common(args)
         b = export_default(args.out, threads=args.threads, yamnet_precision=args.precision,
                            parity_audio=args.parity_audio, parity_windows=args.parity_windows,
-                           yamnet_label_texts=args.yamnet_label_texts, quiet=args.quiet)
+                           yamnet_label_texts=args.yamnet_label_texts, quiet=args.quiet,
+                           **({"calibration_dir": None} if args.no_calibration else {}))
         print(_summary(b))
         return 0
     if args.family == "birdnet":

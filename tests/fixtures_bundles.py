@@ -120,6 +120,13 @@ def _cached_family(path: Path, prefix: str, birdnet: bool) -> Bundle | None:
         texts = b.path("birdnet/label_texts.csv")
         if not texts.is_file() or _sha(texts) != _sha(DATA_CSV):
             return None
+        from edge_retrieval.export.calibration import CALIBRATION_DIR
+
+        cal = (b.manifest.notes or {}).get("calibration") or {}
+        for expert in b.manifest.expert_names:  # the committed calibration it was built with
+            f = CALIBRATION_DIR / f"{expert}.npz"
+            if f.is_file() and cal.get(expert, {}).get("sha256") != _sha(f):
+                return None
     return b
 
 

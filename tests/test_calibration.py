@@ -78,7 +78,7 @@ def test_few_background_windows_shrink_toward_the_expert_median(birdnet_logits: 
 def test_folded_onnx_equals_numpy_calibration(birdnet_bundle: Bundle, dev_clips: list[Path], tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    from edge_retrieval.expert import load_experts
+    from edge_retrieval.pipeline.expert import load_experts
 
     spec = birdnet_bundle.manifest.expert("birdnet")
     (expert,) = load_experts(birdnet_bundle)

@@ -16,9 +16,9 @@ import pytest
 from edge_retrieval.bundle import Bundle, load_bundle
 from edge_retrieval.cli import main as cli_main
 from edge_retrieval.errors import BundleError
-from edge_retrieval.expert import AudioExpert, load_experts
 from edge_retrieval.frontends import make_frontend
 from edge_retrieval.frontends.yamnet import YamnetParams, window_samples_for
+from edge_retrieval.pipeline.expert import AudioExpert, load_experts
 from tests.fixtures_bundles import blocker_prelude, sounds_dir
 
 REPO = Path(__file__).resolve().parent.parent

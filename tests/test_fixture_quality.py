@@ -3,7 +3,7 @@
 Defaults (thresholds per query and the policy) were chosen on the DEV half only by
 scripts/tune_defaults.py and committed in edge_retrieval/data/default_policy.json. Here the test
 clips (all categories, distractors included) are put in a row with noise gaps, streamed through
-the real daemon with the real BirdNET bundle and the FIXED queries (scenes.DETECTION_QUERIES),
+the real daemon with the real default bundle (BirdNET + YAMNet) and the FIXED queries (scenes.DETECTION_QUERIES),
 and the events are matched to where each clip really lies. BirdNET is CC BY-NC-SA 4.0.
 """
 
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "data" / "fixture.csv"
-MIN_RECALL, MIN_PRECISION = 0.7, 0.8
+MIN_RECALL, MIN_PRECISION = 0.85, 0.90  # issue 11 (issue 3 asked 0.7 / 0.8 of the BirdNET bundle)
 
 
 @pytest.fixture(scope="module")
@@ -42,18 +42,18 @@ def test_clips():
     return clips
 
 
-def test_event_recall_and_precision_on_the_test_half(birdnet_bundle, test_clips, tmp_path) -> None:
-    tuned = tuned_for(birdnet_bundle)
+def test_event_recall_and_precision_on_the_test_half(default_bundle, test_clips, tmp_path) -> None:
+    tuned = tuned_for(default_bundle)
     assert tuned, "no tuned defaults for this bundle's space id: run scripts/tune_defaults.py"
     assert set(tuned["thresholds"]) == set(DETECTION_QUERIES)
-    rate = birdnet_bundle.manifest.device.experts[0].sample_rate
+    rate = default_bundle.manifest.device.experts[0].sample_rate
     x, segs = build_stream(test_clips, rate, seed=1)
     wav = tmp_path / "test-stream.wav"
     sf.write(str(wav), x, rate, subtype="FLOAT")
-    msgs = local_queries(birdnet_bundle, [{"text": q} for q in DETECTION_QUERIES], None)
+    msgs = local_queries(default_bundle, [{"text": q} for q in DETECTION_QUERIES], None)
     assert [m.threshold for m in msgs] == [tuned["thresholds"][q] for q in DETECTION_QUERIES]
     sink = ListSink()
-    d = Daemon(birdnet_bundle, FileSource(wav), device_id="fixture", policy=default_policy(birdnet_bundle),
+    d = Daemon(default_bundle, FileSource(wav), device_id="fixture", policy=default_policy(default_bundle),
                sinks=[sink])
     for m in msgs:
         d.apply_query(m)
@@ -72,3 +72,10 @@ def test_event_recall_and_precision_on_the_test_half(birdnet_bundle, test_clips,
     assert all(not events[q] for q in absent), {q: events[q] for q in absent}
     assert recall >= MIN_RECALL, per_q
     assert precision >= MIN_PRECISION, per_q
+    by_text = {m.text: per_q[m.query_id] for m in msgs}
+    # issue 11: "a power tool" finds the drills, hammers and saws (>= 3 of 4 of them), and
+    # "chainsaw sound" fires on the real chainsaw recording without firing on other machines
+    tool = by_text["a power tool"]
+    assert tool["found"] >= 0.75 * tool["truth"], tool
+    saw = by_text["chainsaw sound"]
+    assert saw["found"] == saw["truth"] and saw["fp"] <= 1, saw

@@ -259,7 +259,7 @@ def test_query_builder_weights_are_the_union_gates(tmp_path_factory: pytest.Temp
             assert dict(zip(b.manifest.expert_names, msg.weights, strict=True))[heavy] > 0.9, (text, gates)
         else:
             assert min(msg.weights) > 0.4, (text, gates)
-    from edge_retrieval.matcher import compile_query
+    from edge_retrieval.pipeline.matcher import compile_query
 
     cq = compile_query(msg, b.manifest)
     assert set(cq.sparse) == {"birdnet", "yamnet"}

@@ -1,6 +1,6 @@
 """``edge-retrieval demo``: the default bundle, real recordings in a row, live-style detection.
 
-Builds the default BirdNET bundle if it is absent (the export stage, once, offline: the weights
+Builds the default bundle (BirdNET + YAMNet) if it is absent (the export stage, once, offline: the weights
 ship in pip packages), fetches the real clips of ``data/fixture.csv`` if absent
 (``scripts/fetch_sounds.py``), puts one clip of each demo category in a row with quiet noise
 gaps, and streams that through the daemon with the demo queries, printing the events and a
@@ -26,7 +26,7 @@ from ...errors import ConfigError, EdgeRetrievalError
 from ...offline.scenes import DETECTION_QUERIES, build_stream, read_fixture, sounds_dir
 from .run import local_queries, summary_line
 
-DEFAULT_BUNDLE = Path.home() / ".cache" / "edge-retrieval" / "bundles" / "birdnet-fp32"
+DEFAULT_BUNDLE = Path.home() / ".cache" / "edge-retrieval" / "bundles" / "default-fp32"
 REPO = Path(__file__).resolve().parents[3]
 # demo query -> fixture categories that count as that sound ("dog barking" has none: it should stay quiet)
 DEMO_QUERIES = DETECTION_QUERIES
@@ -43,10 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def ensure_bundle(path: Path) -> None:
     if (path / "manifest.json").is_file():
         return
-    print(f"demo: building the default BirdNET bundle in {path} (once; a few minutes) ...", file=sys.stderr)
+    print(f"demo: building the default bundle (BirdNET + YAMNet) in {path} (once; a few minutes) ...", file=sys.stderr)
     from ..main import main as cli_main
 
-    rc = cli_main(["export", "birdnet", "--out", str(path)])
+    rc = cli_main(["export", "default", "--out", str(path)])
     if rc != 0 or not (path / "manifest.json").is_file():
         raise EdgeRetrievalError(f"could not build the default bundle in {str(path)!r} (see the message above)")
 
@@ -71,7 +71,7 @@ def pick_clips(fixture: Path) -> list:
     for cats in DEMO_QUERIES.values():
         if not cats:
             continue
-        pool = [c for c in clips if c.category in cats]
+        pool = [c for c in clips if c.category in cats and c not in chosen]  # one clip per query
         pool.sort(key=lambda c: (c.split != "test", c.clip_id))
         if pool:
             chosen.append(pool[0])
