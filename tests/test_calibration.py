@@ -42,27 +42,49 @@ def dev_clips() -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def birdnet_logits(birdnet_bundle: Bundle, dev_clips: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    logits, owner = window_logits(birdnet_bundle, dev_clips, threads=2, progress=False)
-    return logits["birdnet"], owner
+def birdnet_logits(birdnet_bundle: Bundle, dev_clips: list[Path]) -> tuple[np.ndarray, list[list[int]]]:
+    logits, overlaps, silent = window_logits(birdnet_bundle, dev_clips, threads=2, progress=False)
+    assert silent.shape == (len(overlaps),) and silent.mean() < 0.5
+    return logits["birdnet"], overlaps
 
 
-def test_offsets_map_every_label_background_quantile_to_the_target(birdnet_logits: tuple[np.ndarray, np.ndarray]) -> None:
-    z, owner = birdnet_logits
+def test_background_is_one_stream_of_the_clips(birdnet_bundle: Bundle, dev_clips: list[Path],
+                                               birdnet_logits: tuple[np.ndarray, list[list[int]]]) -> None:
+    import soundfile as sf
+    from edge_retrieval.export.calibration import kind_exclusions
+
+    z, overlaps = birdnet_logits
+    total = sum(sf.info(str(p)).duration for p in dev_clips)
+    hop = birdnet_bundle.manifest.device.hop_s
+    assert abs(len(overlaps) - total / hop) <= 2 and len(overlaps) == z.shape[0]  # no padded window per clip
+    assert all(ov for ov in overlaps) and [i for ov in overlaps for i in ov][0] == 0
+    assert sorted({i for ov in overlaps for i in ov}) == list(range(len(dev_clips)))
+    assert any(len(ov) > 1 for ov in overlaps)  # windows span clip boundaries, as a stream does
+    ex = kind_exclusions(["a", "b"] + ["c"] * (len(dev_clips) - 2), overlaps, {"e": np.array([0, 1, 2])},
+                         lambda t: {0} if t == "a" else {1} if t == "b" else set())["e"]
+    assert ex.shape == (len(overlaps), 3) and not ex[:, 2].any()
+    assert np.array_equal(ex[:, 0], np.array([0 in ov for ov in overlaps]))
+
+
+def test_offsets_map_every_label_background_quantile_to_the_target(
+        birdnet_logits: tuple[np.ndarray, list[list[int]]]) -> None:
+    z, overlaps = birdnet_logits
+    first = np.array([0 in ov for ov in overlaps])
     assert z.shape[0] >= 40 and np.ptp(np.quantile(z, 0.9, axis=0)) > 5  # labels really differ before
     cal = fit_calibration(z, quantile=0.9, target=0.1, k0=0)
     after = np.quantile(cal.apply(z), 0.9, axis=0)
     assert np.abs(after - _logit(0.1)).max() < 1e-3
     # with exclusions: the quantile over each label's own background windows
     exclude = np.zeros_like(z, bool)
-    exclude[owner == owner[0], ::2] = True  # the first clip is "about" every other label
+    exclude[first, ::2] = True  # the first clip is "about" every other label
     cal = fit_calibration(z, exclude, quantile=0.9, target=0.1, k0=0)
     after = np.nanquantile(np.where(exclude, np.nan, cal.apply(z)), 0.9, axis=0)
     assert np.abs(after - _logit(0.1)).max() < 1e-3
-    assert (cal.n_background[::2] == z.shape[0] - (owner == owner[0]).sum()).all()
+    assert (cal.n_background[::2] == z.shape[0] - first.sum()).all()
 
 
-def test_few_background_windows_shrink_toward_the_expert_median(birdnet_logits: tuple[np.ndarray, np.ndarray]) -> None:
+def test_few_background_windows_shrink_toward_the_expert_median(
+        birdnet_logits: tuple[np.ndarray, list[list[int]]]) -> None:
     z, _ = birdnet_logits
     exclude = np.zeros_like(z, bool)
     exclude[10:, 0] = True  # label 0 keeps 10 windows
@@ -82,7 +104,7 @@ def test_folded_onnx_equals_numpy_calibration(birdnet_bundle: Bundle, dev_clips:
 
     spec = birdnet_bundle.manifest.expert("birdnet")
     (expert,) = load_experts(birdnet_bundle)
-    logits, _ = window_logits(birdnet_bundle, dev_clips[:2], progress=False)
+    logits, _, _ = window_logits(birdnet_bundle, dev_clips[:2], progress=False)
     cal = fit_calibration(logits["birdnet"], quantile=0.9)
     dst = tmp_path / "calibrated.onnx"
     fold_into_onnx(birdnet_bundle.path(spec.file), dst, spec.output_name, cal)
