@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fresh machine -> installed -> the default BirdNET bundle built -> real recordings streamed through the daemon.
+# Fresh machine -> installed -> the default bundle (BirdNET + YAMNet) built -> real recordings streamed through the daemon.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
