@@ -19,16 +19,19 @@ and 6 group outputs, which name sounds the classes already name). Weights, as a 
   not sums, so 6,400 species with "a bird call or song" in their texts cannot outvote one class;
 - p(label | level): softmax over that level's labels of the kind at ``temperature``.
 
-**Overlap rule** (on purpose, not by which text happens to match best): partners never compete.
-Species -> BirdNET. Everyday sounds (dog, engine, siren, gunshot, power tools, speech...) ->
+**Overlap rule** (on purpose, not by which text happens to match best). Species -> BirdNET
+(a species also matches by its bare common name, so "barred owl" is not out-scored by
+AudioSet's "owl"). Everyday sounds (dog, engine, siren, gunshot, power tools, speech...) ->
 YAMNet: AudioSet's classes are finer (Chainsaw, Drill and Lawn mower, where BirdNET has one
 "Power tools" bin that fired on a drill for "chainsaw sound") and BirdNET's event classes were
-trained as its non-bird rejects. Generic animal groups are shared: each entry of ``partners``
-moves ``share`` of the mass of its YAMNet counterparts to a BirdNET group, e.g. "bird singing"
--> half on BirdNET's "Any bird" (the max over every bird species, strong on field recordings),
-half on YAMNet's Bird / Bird vocalization / Chirp, tweet / Squawk. A YAMNet bird *type* (Owl,
-Crow) is no counterpart, so "owl hooting" does not become "any bird". Partners not listed get
-nothing; shares are manifest parameters (``partners``), tuned on the dev half only.
+trained as its non-bird rejects, so partners without an entry in ``partners`` get no mass and
+no say in the kind. Generic animal groups are shared: a listed partner (BirdNET's "Any bird",
+"Any frog or toad", "Any insect") and its YAMNet counterparts are one concept, whose mass is
+split ``share`` to the partner and the rest to the counterparts (by their cosines): "bird
+singing" -> half on "Any bird" (the max over every bird species, strong on field recordings),
+half on YAMNet's Bird / Bird vocalization / Chirp, tweet / Squawk; "katydids" -> half on "Any
+insect", half on Insect / Cricket. A YAMNet bird *type* (Owl, Crow) is no counterpart, so "owl
+hooting" does not become "any bird". Shares are manifest parameters, chosen on the dev half.
 
 Per expert, the query carries the ``max_labels`` largest weights of its own labels, renormalised
 (sum 1), and a **gate**: the union mass on its labels (an expert under ``min_expert_weight``
