@@ -31,14 +31,17 @@ SOUNDS_ENV = "EDGE_RETRIEVAL_SOUNDS"
 # was seen): query text -> the fixture categories it should find. "dog barking" has no category
 # in data/fixture.csv: it must stay silent. With the AudioSet vocabulary (issue 11) "chainsaw
 # sound" means chainsaws only (the fixture's chainsaw category) and "a power tool" finds drills,
-# hammers and saws, chainsaws included: the two queries the issue names.
+# hammers and saws, chainsaws included: the two queries the issue names. The engine category is
+# aircraft and vehicle engines (jets, helicopters, planes, a tank's tread): the query says so
+# ("car engine" named a car, which the AudioSet vocabulary now tells apart from a jet; dev event
+# F1 0.53 -> 0.75 with the wording that describes the category, chosen on the dev half).
 DETECTION_QUERIES: dict[str, tuple[str, ...]] = {
     "chainsaw sound": ("chainsaw",),
     "a power tool": ("power_tool", "chainsaw"),
     "gunshot": ("gunshot",),
     "siren": ("siren",),
     "bird singing": ("bird",),
-    "car engine": ("engine",),
+    "an aircraft or vehicle engine": ("engine",),
     "dog barking": (),
 }
 

@@ -63,6 +63,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"\nexpert {r.expert} (weight {w:.2f}), fit {r.fit:.3f}" + ("" if r.fits else " (below its floor)"))
         if r.warning:
             print(f"  warning: {r.warning}")
+        if w <= 0.0:  # the bundle gives this expert no say for this text: its labels would only mislead
+            print("  (not used for this query: the other expert's labels carry it)")
+            continue
         width = max((len(n) for n, _ in r.top[: args.top]), default=10)
         for name, v in r.top[: args.top]:
             print(f"  {name:<{width}}  {v:.4f}")
