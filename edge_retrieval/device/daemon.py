@@ -35,6 +35,7 @@ from ..pipeline.core import Pipeline
 from ..pipeline.detector import Detector, Transition
 from ..pipeline.expert import AudioExpert
 from ..pipeline.matcher import Matcher
+from ..pipeline.temporal import temporal_fields
 from ..pipeline.windows import Tick
 from ..policy import PolicyOverlay
 from ..protocol import Event, QueryMessage
@@ -306,6 +307,7 @@ class Daemon:
             site=self.site,
             lat=self.lat,
             lon=self.lon,
+            **temporal_fields(ev),
         )
 
     def _transition(self, tr: Transition) -> None:
