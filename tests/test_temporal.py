@@ -74,7 +74,7 @@ def test_grammar_errors_are_one_line_naming_the_problem(text: str, needle: str) 
 
 def test_one_signed_message_carries_the_whole_query(tiny_bundle: Bundle) -> None:
     qb = QueryBuilder(tiny_bundle)
-    msg, res = qb.build("beep followed by whistle within 20 s", "poach", 0.5, part_thresholds=[0.4, 0.6])
+    msg, res = qb.build("beep followed by whistle within 20 s", "poach", 0.5, part_thresholds=[0.4, 0.6], temporal=True)
     assert msg.temporal is not None and msg.vectors == [] and msg.threshold is None
     assert [p.text for p in msg.temporal.parts] == ["beep", "whistle"]
     assert [p.threshold for p in msg.temporal.parts] == [0.4, 0.6]
@@ -94,7 +94,7 @@ def test_plain_messages_sign_the_same_bytes_as_before(tiny_bundle: Bundle) -> No
 
 
 def test_a_message_is_either_plain_or_temporal(tiny_bundle: Bundle) -> None:
-    msg, _ = QueryBuilder(tiny_bundle).build("beep then whistle", "t", 0.5)
+    msg, _ = QueryBuilder(tiny_bundle).build("beep then whistle", "t", 0.5, temporal=True)
     plain, _ = QueryBuilder(tiny_bundle).build("beep", "b", 0.5)
     both = json.loads(msg.to_json())
     both["vectors"] = json.loads(plain.to_json())["vectors"]
@@ -160,7 +160,7 @@ def test_overlap_fires_only_on_mixed_sounds(tiny_bundle, tmp_path) -> None:
     both = noise(3, rate, seed=9) + tone(1000.0, 3, rate) + tone(3000.0, 3, rate)
     x = np.concatenate([noise(6, rate, seed=1), both, noise(4, rate, seed=2)]).astype(np.float32)
     qb = QueryBuilder(tiny_bundle)
-    msg, _ = qb.build("beep while whistle", "mix", 0.5)
+    msg, _ = qb.build("beep while whistle", "mix", 0.5, temporal=True)
     pipe = Pipeline(tiny_bundle, [msg], sample_rate=rate)
     finals = [t.event for t in pipe.feed(x) + pipe.close() if t.final]
     assert [e.query_id for e in finals] == ["mix"]
@@ -170,14 +170,14 @@ def test_overlap_fires_only_on_mixed_sounds(tiny_bundle, tmp_path) -> None:
 def test_updates_and_deletions_reach_the_parts(tiny_bundle) -> None:
     qb = QueryBuilder(tiny_bundle)
     pipe = Pipeline(tiny_bundle)
-    v1, _ = qb.build("beep then whistle", "t", 0.5, version=1)
-    v2, _ = qb.build("whistle then beep", "t", 0.5, version=2)
+    v1, _ = qb.build("beep then whistle", "t", 0.5, version=1, temporal=True)
+    v2, _ = qb.build("whistle then beep", "t", 0.5, version=2, temporal=True)
     assert pipe.add_query(v1) and sorted(pipe.matcher.snapshot.ids) == ["t#1", "t#2"]
     assert pipe.add_query(v2) and not pipe.add_query(v1)  # an older version is ignored
     assert [q.text for q in pipe.matcher.snapshot.queries] == ["whistle", "beep"]
     plain, _ = qb.build("beep", "t", 0.5, version=3)  # the id becomes a plain query
     assert pipe.add_query(plain) and pipe.matcher.snapshot.ids == ["t"] and not pipe.temporal
-    v4, _ = qb.build("beep then whistle", "t", 0.5, version=4)
+    v4, _ = qb.build("beep then whistle", "t", 0.5, version=4, temporal=True)
     assert pipe.add_query(v4) and sorted(pipe.matcher.snapshot.ids) == ["t#1", "t#2"]
     tomb = QueryMessage.model_validate({"schema": 1, "query_id": "t", "version": 5, "deleted": True})
     assert pipe.add_query(tomb) and pipe.matcher.snapshot.ids == [] and not pipe.temporal
@@ -225,7 +225,7 @@ def real(birdnet_bundle):  # noqa: ANN201
         tq = parse_temporal(text)
         assert tq is not None
         thr = [default_threshold(birdnet_bundle, t) for t in tq.parts]
-        return qb.build(text, "alert", 0.0, part_thresholds=thr)[0]
+        return qb.build(text, "alert", 0.0, part_thresholds=thr, temporal=True)[0]
 
     def fire(msg: QueryMessage, x: np.ndarray, rate: int) -> list:  # noqa: ANN202
         pipe = Pipeline(birdnet_bundle, [msg], default_policy(birdnet_bundle), sample_rate=rate)
@@ -272,3 +272,30 @@ def test_while_fires_only_on_overlap_of_real_recordings(real) -> None:
     mixed[at : at + shot.size] += shot
     (ev,) = fire(msg, mixed, rate)
     assert ev.relation == "overlap" and {p.query for p in ev.parts} == {"gunshot", "car engine"}
+
+
+def test_archive_search_ranks_the_span_where_the_pattern_occurs(capsys, tiny_bundle, tmp_path) -> None:
+    root = tmp_path / "archive"
+    root.mkdir()
+    write_scene(root / "in_order.wav", [("noise", 4), ("1000", 3), ("noise", 5), ("3000", 3), ("noise", 3)], 32000)
+    write_scene(root / "reversed.wav", [("noise", 4), ("3000", 3), ("noise", 5), ("1000", 3), ("noise", 3)], 32000)
+    write_scene(root / "beep_only.wav", [("noise", 4), ("1000", 3), ("noise", 11)], 32000)
+    assert main(["index", str(root), "--bundle", str(tiny_bundle.root), "--out", str(tmp_path / "idx"), "--quiet"]) == 0
+    capsys.readouterr()
+    rc = main(["search", "beep followed by whistle within 20 s", "--index", str(tmp_path / "idx"), "--json", "--top", "3"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    hits = json.loads(out)["hits"]
+    assert Path(hits[0]["file"]).name == "in_order.wav"
+    assert [p["text"] for p in hits[0]["parts"]] == ["beep", "whistle"]
+    beep, whistle = (p["offset_s"] for p in hits[0]["parts"])
+    assert 2.0 <= beep <= 7.0 and 10.0 <= whistle <= 15.0  # the windows of each sound
+    assert all(h["score"] < hits[0]["score"] / 2 for h in hits[1:])  # neither order nor half the pattern scores alike
+    rc = main(["search", "beep followed by", "--index", str(tmp_path / "idx")])
+    _, err = capsys.readouterr()
+    assert rc != 0 and "has no second part" in err and len(err.strip().splitlines()) == 1
+
+
+def test_plain_builds_keep_relation_words_as_words(tiny_bundle) -> None:
+    msg, _ = QueryBuilder(tiny_bundle).build("a beep while a whistle plays", "w", 0.5)  # retrieval, evaluation
+    assert msg.temporal is None and msg.vectors

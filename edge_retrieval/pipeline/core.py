@@ -152,6 +152,12 @@ class Pipeline:
         self.sample_rate = int(sample_rate or self.sample_rate)
         self.windower = self._windower(self.sample_rate)
 
+    def reset(self, sample_rate: int | None = None) -> None:
+        """An unrelated stream: new windows, and no detector or temporal state carried over (queries kept)."""
+        self.new_stream(sample_rate)
+        self.detector = Detector(self.detector.default_policy)
+        self.temporal.reset()
+
     def push(self, samples: np.ndarray) -> list[Tick]:
         """Source samples (mono float32 at ``sample_rate``) -> the ticks they complete."""
         return list(self.windower.push(np.asarray(samples, np.float32)))

@@ -6,8 +6,10 @@ they never collide with a user's id and never reach a topic), each with its own 
 policy; this module watches their transitions and fires the query once when they satisfy the
 relation (``protocol.TemporalSpec``):
 
-- **sequence**: at an onset of part 2 that starts after an event of part 1 started and at most
-  ``within_s`` after that event ended (or while it is still on);
+- **sequence**: part 2's event starts after part 1's event starts and at most ``within_s``
+  after it ends, and is not inside it: it fires at part 2's onset when part 1's event has
+  ended, else at part 1's end if part 2's event is still on (the same sound matching both
+  texts, part 2's event inside part 1's, does not fire);
 - **overlap**: at an onset of either part while an event of the other is on, or ended at most
   ``within_s`` before (``within_s`` 0: the events must overlap).
 
@@ -125,6 +127,10 @@ class TemporalCombiner:
             self._rules, self._by_part = rules, _index(rules)
             return old
 
+    def reset(self) -> None:
+        """Forget every part event and open combined event (an unrelated stream follows)."""
+        self._state.clear()
+
     def process(self, transitions: Iterable[Transition]) -> list[Transition]:
         """Pass plain queries' transitions through; turn parts' transitions into the rules' events."""
         by_part = self._by_part  # one read: a consistent set while rules change
@@ -156,7 +162,7 @@ class TemporalCombiner:
             if st.fired is None:
                 partner = self._partner(rule, st, k, ev)
                 if partner is not None:
-                    out.append(self._fire(rule, st, k, ev, partner))
+                    out.append(self._fire(rule, st, ev, partner))
             return out
         st.open[k].pop(ev.event_id, None)
         if ev.event_id in st.waiting:
@@ -167,10 +173,15 @@ class TemporalCombiner:
                 fired.peak = min(p.peak for p in fired.parts)
                 fired.final = True
                 out.append(Transition(fired, final=True))
-        else:
-            held = st.closed[k]
-            held.append(ev)
-            del held[:-MAX_HELD]
+            return out
+        held = st.closed[k]
+        held.append(ev)
+        del held[:-MAX_HELD]
+        if rule.relation == "sequence" and k == 0 and st.fired is None:
+            # part 1 has ended: a part-2 event that started after it and is still on completes it
+            later = [e for e in st.open[1].values() if e.start_s > ev.start_s]
+            if later:
+                out.append(self._fire(rule, st, min(later, key=lambda e: e.start_s), ev))
         return out
 
     def _partner(self, rule: TemporalRule, st: _State, k: int, ev: ActiveEvent) -> ActiveEvent | None:
@@ -179,18 +190,20 @@ class TemporalCombiner:
         held = st.closed[other]
         held[:] = [e for e in held if e.end_s + rule.within_s >= ev.start_s]  # older ones can never match again
         if rule.relation == "sequence":
-            if k == 0:
-                return None  # only an onset of the second part completes a sequence
-            cands = [e for e in [*held, *st.open[0].values()] if e.start_s < ev.start_s]
+            # part 2 starts after a part-1 event that has ended; with part 1 still on, wait for its end
+            # (a part-2 event inside part 1, the same sound matching both texts, does not count)
+            cands = [e for e in held if e.start_s < ev.start_s] if k == 1 else []
         else:
             cands = [*st.open[other].values(), *(e for e in held if e.end_s + rule.within_s > ev.start_s)]
         return max(cands, key=lambda e: e.start_s, default=None)
 
-    def _fire(self, rule: TemporalRule, st: _State, k: int, ev: ActiveEvent, partner: ActiveEvent) -> Transition:
+    def _fire(self, rule: TemporalRule, st: _State, ev: ActiveEvent, partner: ActiveEvent) -> Transition:
+        """Fire for ``ev`` and ``partner``; both, and anything held from before them, are consumed."""
         parts = sorted([partner, ev], key=lambda e: (e.start_s, e.query_id))
-        # consume the partner and anything of its part before it: one occurrence, one event
-        other = 1 - k
-        st.closed[other] = [e for e in st.closed[other] if e.start_s > partner.start_s]
+        for j in (0, 1):
+            used = [p.start_s for p in parts if p.event_id in {e.event_id for e in st.closed[j]}]
+            if used:
+                st.closed[j] = [e for e in st.closed[j] if e.start_s > max(used)]
         st.waiting = {e.event_id for e in parts if e.event_id in st.open[0] or e.event_id in st.open[1]}
         fired = TemporalEvent(
             new_event_id(), rule.query_id, rule.text, parts[0].start_s, max(p.end_s for p in parts),

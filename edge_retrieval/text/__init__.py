@@ -103,11 +103,12 @@ class QueryBuilder:
         expires: str | None = None,
         *,
         part_thresholds: Sequence[float] | None = None,
-        temporal: bool = True,
+        temporal: bool = False,
     ) -> tuple[QueryMessage, list[Resolution]]:
-        """A signed-ready message; a temporal text ("A followed by B", ``text.temporal``) gives one
-        message carrying both parts (``part_thresholds``, default ``threshold`` for each), and the
-        resolutions of both parts in order. ``temporal=False`` reads the text as a plain query.
+        """A signed-ready message. With ``temporal`` a text with a relation ("A followed by B",
+        ``text.temporal``) gives one message carrying both parts (``part_thresholds``, default
+        ``threshold`` for each) and the resolutions of both parts in order; without it (retrieval
+        over captions, where "while" and "with" are ordinary words) every text is a plain query.
         """
         tq = parse_temporal(text) if temporal else None
         if tq is not None:

@@ -142,7 +142,7 @@ def build_temporal(
         raise QueryRejected(f"{len(thresholds)} thresholds for the 2 parts of {tq.text!r}")
     parts, resolutions = [], []
     for text, thr in zip(tq.parts, thresholds, strict=True):
-        msg, res = qb.build(text, query_id, float(thr), version=version, policy=policy, expires=expires, temporal=False)
+        msg, res = qb.build(text, query_id, float(thr), version=version, policy=policy, expires=expires)
         parts.append(
             {
                 "text": msg.text, "vectors": [v.model_dump(exclude_none=True) for v in msg.vectors],

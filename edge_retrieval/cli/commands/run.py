@@ -149,7 +149,7 @@ def local_queries(
         part_thr = None
         if tq is not None and s.get("threshold") is None:
             part_thr = [default_threshold(bundle, part, config_threshold) for part in tq.parts]
-        msg, res = qb.build(text, qid, float(thr), policy=policy, part_thresholds=part_thr)
+        msg, res = qb.build(text, qid, float(thr), policy=policy, part_thresholds=part_thr, temporal=True)
         for r in res:
             if r.warning and warn is not None:
                 warn(f"warning: query {text!r} ({r.expert}): {r.warning}")
