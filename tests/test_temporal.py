@@ -299,3 +299,41 @@ def test_archive_search_ranks_the_span_where_the_pattern_occurs(capsys, tiny_bun
 def test_plain_builds_keep_relation_words_as_words(tiny_bundle) -> None:
     msg, _ = QueryBuilder(tiny_bundle).build("a beep while a whistle plays", "w", 0.5)  # retrieval, evaluation
     assert msg.temporal is None and msg.vectors
+
+
+def test_evaluate_reads_sequence_captions(capsys, tiny_bundle, tmp_path) -> None:
+    for name, order in (("in_order", ("1000", "3000")), ("reversed", ("3000", "1000"))):
+        write_scene(tmp_path / f"{name}.wav", [("noise", 4), (order[0], 3), ("noise", 5), (order[1], 3), ("noise", 3)], 32000)
+    csv_path = tmp_path / "seq.csv"
+    csv_path.write_text("path,caption\nin_order.wav,beep followed by whistle\nreversed.wav,whistle followed by beep\n")
+    argv = ["evaluate", "--bundle", str(tiny_bundle.root), "--dataset", str(csv_path), "--json", "--quiet"]
+    assert main([*argv, "--temporal"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["R@1"] == 1.0 and "2 temporal caption(s)" in err
+    assert main(argv) == 0  # read as plain captions, both clips hold both sounds: order is not seen
+    assert json.loads(capsys.readouterr()[0])["R@1"] < 1.0
+
+
+def test_a_signed_temporal_message_runs_on_the_device(tmp_path, tiny_bundle, scene) -> None:
+    from edge_retrieval.device.daemon import Daemon
+    from edge_retrieval.device.query_store import QueryStore
+    from edge_retrieval.device.sinks import ListSink
+    from edge_retrieval.device.sources import FileSource
+    from edge_retrieval.protocol import group_query_topic
+
+    key = Ed25519PrivateKey.generate()
+    daemon = Daemon(tiny_bundle, FileSource(scene, realtime=False), device_id="dev-1")
+    sink = ListSink()
+    daemon.add_sink(sink)
+    reports: list = []
+    qs = QueryStore(tmp_path / "q.sqlite", daemon, device="dev-1", public_key=key.public_key(), report=reports.append)
+    msg, _ = QueryBuilder(tiny_bundle).build("whistle after beep within 10 s", "poach-1", 0.5, temporal=True)
+    topic = group_query_topic("site-a", "poach-1")
+    assert qs.handle(topic, sign_message(msg, key).to_json()) == "applied", reports
+    daemon.run()
+    (ev,) = sink.finals()
+    assert parse_event(ev.to_json()) == ev  # the wire form carries the parts
+    assert (ev.query_id, ev.relation, [p.text for p in ev.parts]) == ("poach-1", "sequence", ["beep", "whistle"])
+    tomb = QueryMessage.model_validate({"schema": 1, "query_id": "poach-1", "version": 2, "deleted": True})
+    assert qs.handle(topic, sign_message(tomb, key).to_json()) == "removed"
+    assert len(daemon.matcher) == 0
