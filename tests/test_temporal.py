@@ -337,3 +337,28 @@ def test_a_signed_temporal_message_runs_on_the_device(tmp_path, tiny_bundle, sce
     tomb = QueryMessage.model_validate({"schema": 1, "query_id": "poach-1", "version": 2, "deleted": True})
     assert qs.handle(topic, sign_message(tomb, key).to_json()) == "removed"
     assert len(daemon.matcher) == 0
+
+
+def test_alerts_add_publishes_one_signed_temporal_message(capsys, tmp_path, tiny_bundle, broker) -> None:
+    from edge_retrieval.cli.commands.keys import generate
+    from edge_retrieval.server import ServerStore
+
+    priv, pub = generate(tmp_path / "keys")
+    base = ["--group", "site-a", "--bundle", str(tiny_bundle.root), "--broker", broker.url, "--db",
+            str(tmp_path / "s.db"), "--key", str(priv)]
+    rc = main(["alerts", "add", "beep followed by", *base])
+    err = capsys.readouterr().err
+    assert rc != 0 and "has no second part" in err and len(err.strip().splitlines()) == 1
+    rc = main(["alerts", "add", "whistle after beep within 40 s", "--threshold", "0.5", "--id", "poach", *base, "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    store = ServerStore(tmp_path / "s.db")
+    held = store.alert("poach")
+    store.close()
+    assert held is not None
+    msg = parse_query_message(held["message"])
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    verify_signature(msg, load_pem_public_key(pub.read_bytes()))
+    assert msg.temporal is not None and (msg.temporal.relation, msg.temporal.within_s) == ("sequence", 40.0)
+    assert [p.text for p in msg.temporal.parts] == ["beep", "whistle"] and held["threshold"] == 0.5
