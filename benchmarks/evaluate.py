@@ -3,7 +3,8 @@
 Every caption is a query ranked against every clip (a clip's score is the max over its windows):
 Recall@1/5/10, median rank of the first relevant clip, and mAP@10. ``--compare DIR2`` evaluates a
 second bundle on the same data in the same run (e.g. fp32 vs int8) with a paired bootstrap over
-queries; ``--bootstrap N`` adds 95% confidence intervals; ``--plot DIR`` draws PNGs.
+queries; ``--bootstrap N`` adds 95% confidence intervals; ``--plot DIR`` draws PNGs. ``--temporal``
+reads sequence captions ("a gunshot followed by an engine") with the temporal grammar.
 """
 
 from __future__ import annotations
@@ -19,9 +20,18 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import Bundle, load_bundle
-from ..errors import ConfigError
+from ..errors import ConfigError, QueryRejected
 from ..offline.metrics import bootstrap_ci, paired_bootstrap, ranks_and_ap, recall_curve, summarize
-from ..offline.retrieval import FileEmbedder, QueryVectors, clip_scores, query_matrix, text_queries
+from ..offline.retrieval import (
+    FileEmbedder,
+    QueryVectors,
+    clip_scores,
+    query_matrix,
+    text_queries,
+    window_scores,
+)
+from ..offline.temporal_search import best_pairs
+from ..text.temporal import TemporalQuery, parse_temporal
 from .datasets import FORMATS, Dataset, read_dataset
 
 METRICS = ("R@1", "R@5", "R@10", "mAP@10", "median_rank", "mean_rank")
@@ -52,16 +62,30 @@ def score_matrix(
     queries: list[QueryVectors],
     threads: int = 1,
     progress: Callable[[Iterable[int], int, str], Iterable[int]] | None = None,
+    temporal: list[tuple[int, int, TemporalQuery]] | None = None,
 ) -> np.ndarray:
-    """[queries, items] clip scores; each clip is embedded once and scored against all queries."""
+    """[queries, items] clip scores; each clip is embedded once and scored against all queries.
+
+    ``temporal`` (part A's row, part B's row, query) replaces row A by the temporal score: the
+    best pair of windows of A and B in the relation (``offline.temporal_search.best_pairs``).
+    """
     mats = {e: query_matrix(queries, e) for e in bundle.manifest.expert_names}
     emb = FileEmbedder(bundle, threads=threads)
+    window_s = max(e.window_s for e in bundle.manifest.device.experts)
     out = np.zeros((len(queries), len(ds.items)), np.float32)
     cols: Iterable[int] = range(len(ds.items))
     if progress is not None:
         cols = progress(cols, len(ds.items), bundle.manifest.name)
     for j in cols:
-        out[:, j] = clip_scores(emb.embed_file(ds.items[j].path), mats)
+        fv = emb.embed_file(ds.items[j].path)
+        if not temporal:
+            out[:, j] = clip_scores(fv, mats)
+            continue
+        w = window_scores(fv, mats)
+        out[:, j] = w.max(axis=0)
+        for a, b, tq in temporal:
+            pairs = best_pairs(fv.offsets_s, w[:, a], w[:, b], window_s, tq)
+            out[a, j] = max((p[0] for p in pairs), default=float(min(w[:, a].min(), w[:, b].min())))
     return out
 
 
@@ -73,12 +97,36 @@ def evaluate_scores(scores: np.ndarray, ds: Dataset, bundle: str, name: str, n_b
     return res
 
 
+def temporal_plan(texts: list[str]) -> tuple[list[str], list[tuple[int, int, TemporalQuery]], int]:
+    """Captions read with the temporal grammar: (texts to embed, (row A, row B, query) per temporal
+    caption, captions that did not parse and stay plain). Row A is the caption's own row; part B
+    is appended after all captions."""
+    flat, plan, bad = list(texts), [], 0
+    for i, t in enumerate(texts):
+        try:
+            tq = parse_temporal(t)
+        except QueryRejected:
+            bad += 1
+            continue
+        if tq is not None:
+            flat[i] = tq.first
+            plan.append((i, len(flat), tq))
+            flat.append(tq.second)
+    return flat, plan, bad
+
+
 def evaluate_bundle(
     bundle: Bundle, ds: Dataset, threads: int = 1, n_boot: int = 0, seed: int = 0,
-    progress: Callable[[Iterable[int], int, str], Iterable[int]] | None = None,
+    progress: Callable[[Iterable[int], int, str], Iterable[int]] | None = None, temporal: bool = False,
 ) -> EvalResult:
-    queries = text_queries(bundle, [q.text for q in ds.queries])
-    scores = score_matrix(bundle, ds, queries, threads, progress)
+    texts = [q.text for q in ds.queries]
+    plan: list[tuple[int, int, TemporalQuery]] = []
+    if temporal:
+        texts, plan, bad = temporal_plan(texts)
+        print(f"edge-retrieval evaluate: {len(plan)} temporal caption(s)"
+              + (f", {bad} with relation words that do not parse, scored as plain" if bad else ""), file=sys.stderr)
+    queries = text_queries(bundle, texts)
+    scores = score_matrix(bundle, ds, queries, threads, progress, plan)[: len(ds.queries)]
     return evaluate_scores(scores, ds, str(bundle.root), bundle.manifest.name, n_boot, seed)
 
 
@@ -204,6 +252,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads")
     p.add_argument("--per-query", type=Path, default=None, metavar="CSV", help="write each query's rank and AP@10")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--temporal", action="store_true",
+                   help="read captions with a relation ('A followed by B', 'A while B') as temporal queries: "
+                        "a clip scores its best pair of part windows in that relation")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -224,7 +275,7 @@ def main(args: argparse.Namespace) -> int:
 
         return tqdm(it, total=total, unit="clip", desc=name, file=sys.stderr)
 
-    res = [evaluate_bundle(b, ds, args.threads, args.bootstrap, args.seed, progress) for b in bundles]
+    res = [evaluate_bundle(b, ds, args.threads, args.bootstrap, args.seed, progress, args.temporal) for b in bundles]
     if len(res) == 2 and res[0].name == res[1].name:
         res[1].name += " (2)"
     paired = None

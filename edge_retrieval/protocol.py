@@ -239,6 +239,54 @@ class Example(BaseModel):
 
 # --------------------------------------------------------------------------- query message
 
+MAX_WITHIN_S = 3600.0  # longest time limit of a temporal query (seconds)
+
+
+def _check_vectors(vectors: list[VectorPayload], weights: list[float], threshold: float | None) -> None:
+    """What a scoring query needs: vectors, one weight each, a threshold, one vector per expert."""
+    if not vectors:
+        raise ValueError("vectors is empty")
+    if threshold is None:
+        raise ValueError("threshold is missing")
+    if len(weights) != len(vectors):
+        raise ValueError(f"{len(weights)} weights for {len(vectors)} vectors")
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError("weights must be finite, >= 0, and not all zero")
+    experts = [v.expert for v in vectors]
+    if len(set(experts)) != len(experts):
+        raise ValueError(f"duplicate expert in vectors: {experts}")
+
+
+class TemporalPart(BaseModel):
+    """One part of a temporal query: an ordinary query (vectors, threshold, policy) without an id."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    text: str = Field(min_length=1, max_length=500)
+    vectors: list[VectorPayload] = Field(max_length=16)
+    weights: list[float] = Field(max_length=16)
+    threshold: float = Field(ge=-1, le=1)
+    policy: PolicyOverlay | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TemporalPart:
+        _check_vectors(self.vectors, self.weights, self.threshold)
+        return self
+
+
+class TemporalSpec(BaseModel):
+    """A temporal query (docs/architecture.md): two parts and how their events must lie in time.
+
+    ``sequence``: part 2's event starts after part 1's starts and at most ``within_s`` after
+    part 1's ends; ``overlap``: the two events overlap in time, with ``within_s`` of slack.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    relation: Literal["sequence", "overlap"]
+    within_s: float = Field(ge=0, le=MAX_WITHIN_S)
+    parts: list[TemporalPart] = Field(min_length=2, max_length=2)
+
 
 class QueryMessage(BaseModel):
     """A registered text query as it travels to devices (retained, QoS 1)."""
@@ -261,6 +309,7 @@ class QueryMessage(BaseModel):
     # positives) and "correct" (positives beside the query vector); docs/architecture.md
     negatives: list[Example] = Field(default_factory=list, max_length=MAX_EXAMPLES)
     positives: list[Example] = Field(default_factory=list, max_length=MAX_EXAMPLES)
+    temporal: TemporalSpec | None = None  # a temporal query: its parts replace vectors/weights/threshold
     signature: str | None = None
     # the query topic this message was signed for (binds the signature to its target and id);
     # devices with a public key refuse a message that arrives on any other topic
@@ -288,17 +337,11 @@ class QueryMessage(BaseModel):
             raise ValueError("text is empty")
         if not self.space_id:
             raise ValueError("space_id is missing")
-        if not self.vectors:
-            raise ValueError("vectors is empty")
-        if self.threshold is None:
-            raise ValueError("threshold is missing")
-        if len(self.weights) != len(self.vectors):
-            raise ValueError(f"{len(self.weights)} weights for {len(self.vectors)} vectors")
-        if not all(math.isfinite(w) and w >= 0 for w in self.weights) or sum(self.weights) <= 0:
-            raise ValueError("weights must be finite, >= 0, and not all zero")
-        experts = [v.expert for v in self.vectors]
-        if len(set(experts)) != len(experts):
-            raise ValueError(f"duplicate expert in vectors: {experts}")
+        if self.temporal is not None:
+            if self.vectors or self.weights or self.threshold is not None:
+                raise ValueError("a temporal query carries its vectors, weights and thresholds in temporal.parts only")
+            return self
+        _check_vectors(self.vectors, self.weights, self.threshold)
         return self
 
     def _wire(self, exclude_none: bool) -> dict[str, Any]:
@@ -312,6 +355,8 @@ class QueryMessage(BaseModel):
     def signing_bytes(self) -> bytes:
         d = self._wire(exclude_none=False)
         d.pop("signature", None)
+        if d.get("temporal") is None:
+            d.pop("temporal", None)  # a plain query signs the same bytes as before the field existed
         return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
     def to_json(self) -> bytes:
@@ -417,6 +462,17 @@ class _WireMessage(BaseModel):
         return json.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True))
 
 
+class EventPart(BaseModel):
+    """When one part of a temporal query was heard (stream offsets, seconds) and its peak score."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+    start_s: float
+    end_s: float
+    score: float
+
+
 class Event(_WireMessage):
     """A detection. The onset message and later updates share ``event_id``; the server upserts."""
 
@@ -439,6 +495,9 @@ class Event(_WireMessage):
     # the peak window's vector per expert (f16 embeddings, top-k sparse labels), on the final
     # update: what a "false alarm" or "correct" feedback adds to the alert
     vectors: list[VectorPayload] | None = Field(default=None, max_length=16)
+    relation: Literal["sequence", "overlap"] | None = None  # temporal queries only
+    within_s: float | None = None  # temporal queries only
+    parts: list[EventPart] | None = None  # temporal queries only: each part's event, in time order
 
 
 def new_event_id() -> str:

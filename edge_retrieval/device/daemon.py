@@ -36,6 +36,7 @@ from ..pipeline.core import Pipeline
 from ..pipeline.detector import Detector, Transition
 from ..pipeline.expert import AudioExpert
 from ..pipeline.matcher import Matcher
+from ..pipeline.temporal import temporal_fields
 from ..pipeline.windows import Tick
 from ..policy import PolicyOverlay
 from ..protocol import MAX_FIELD_CHARS, Event, QueryMessage
@@ -323,6 +324,7 @@ class Daemon:
             lat=self.lat,
             lon=self.lon,
             vectors=self._vectors(tr),
+            **temporal_fields(ev),
         )
 
     def _vectors(self, tr: Transition) -> list[Any] | None:

@@ -82,6 +82,8 @@ class TableSink(_StreamSink):
             f"{_clock(event.start_s):>10}  {end:>10}  {event.score:5.2f}  {event.query[:28]:<28} "
             f"{event.time[:23]:<24} {event.clip or ''}".rstrip()
         )
+        for part in event.parts or ():  # a temporal query: when each part was heard
+            self._write(f"{_clock(part.start_s):>10}  {_clock(part.end_s):>10}  {part.score:5.2f}    part: {part.text[:60]}")
 
 
 class ListSink:

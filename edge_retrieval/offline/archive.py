@@ -253,6 +253,19 @@ class Hit:
 
 
 @dataclass
+class FileScores:
+    """One indexed file's window scores for some queries (``ArchiveIndex.window_scores``)."""
+
+    file_id: int
+    path: str
+    start: float | None  # epoch of the recording's start, if known
+    site: str | None
+    offsets: np.ndarray  # [n] window starts (seconds into the file)
+    keep: np.ndarray  # [n] bool: inside the date filters
+    scores: np.ndarray  # [n, queries] float64
+
+
+@dataclass
 class IndexReport:
     """What an ``index`` run did."""
 
@@ -441,10 +454,34 @@ class ArchiveIndex:
         [since, until) and so drop files with no known start time; ``site`` matches exactly.
         ``cosine`` scores labels windows by the cosine of their probabilities with the query
         (search by example: the nearest sound, not the loudest on the example's labels)."""
-        if queries.space_id != self.space_id:
-            raise QueryRejected(
-                f"query space id {queries.space_id[:12]}... differs from index space id {str(self.space_id)[:12]}..."
-            )
+        wlen = self.window_s()
+        heap: list[tuple[float, int, int, str, float | None, str | None, float]] = []  # min-heap of (score, -fid, -idx, ...)
+        for fs in self.window_scores([queries], since, until, site, cosine):
+            for i in np.flatnonzero(fs.keep):
+                item = (float(fs.scores[i, 0]), -fs.file_id, -int(i), fs.path, fs.start, fs.site, float(fs.offsets[i]))
+                if len(heap) < top:
+                    heapq.heappush(heap, item)
+                elif item > heap[0]:
+                    heapq.heapreplace(heap, item)
+        return [
+            Hit(s, path, off, wlen, iso_utc(start + off) if start is not None else None, fsite)
+            for s, _, _, path, start, fsite, off in sorted(heap, reverse=True)
+        ]
+
+    def window_scores(
+        self,
+        queries: Sequence[QueryVectors],
+        since: float | None = None,
+        until: float | None = None,
+        site: str | None = None,
+        cosine: bool = False,
+    ) -> Iterator[FileScores]:
+        """Per file (filters as ``search``): every window's score for each query, in window order."""
+        for q in queries:
+            if q.space_id != self.space_id:
+                raise QueryRejected(
+                    f"query space id {q.space_id[:12]}... differs from index space id {str(self.space_id)[:12]}..."
+                )
         where, args = [], []
         if since is not None or until is not None:
             where.append("f.start_epoch IS NOT NULL")
@@ -462,21 +499,20 @@ class ArchiveIndex:
             + (" WHERE " + " AND ".join(where) if where else "")
             + " ORDER BY f.id"
         )
-        wlen = self.window_s()
-        dense_q = dict(zip(queries.experts, zip(queries.vectors, queries.weights, strict=True), strict=True))
-        wsum = sum(queries.weights) or 1.0
-        heap: list[tuple[float, int, int, str, float | None, str | None]] = []  # min-heap of (score, -fid, -idx, ...)
+        per_q = [dict(zip(q.experts, zip(q.vectors, q.weights, strict=True), strict=True)) for q in queries]
+        wsums = [sum(q.weights) or 1.0 for q in queries]
         for fid, path, start, fsite, n in list(self.db.execute(sql, args)):
-            scores = np.zeros(n, np.float64)
+            scores = np.zeros((n, len(queries)), np.float64)
             for expert, kind, dim, k, data, indices in self.db.execute(
                 "SELECT expert, kind, dim, k, data, indices FROM vectors WHERE file_id = ?", (fid,)
             ):
-                if expert not in dense_q:
-                    continue
-                q, w = dense_q[expert]
-                if q.size != dim:
-                    raise QueryRejected(f"query vector for {expert!r} has dimension {q.size}, index has {dim}")
-                scores += (w / wsum) * _score(kind, dim, k, n, data, indices, q, cosine)
+                for j, dense_q in enumerate(per_q):
+                    if expert not in dense_q:
+                        continue
+                    q, w = dense_q[expert]
+                    if q.size != dim:
+                        raise QueryRejected(f"query vector for {expert!r} has dimension {q.size}, index has {dim}")
+                    scores[:, j] += (w / wsums[j]) * _score(kind, dim, k, n, data, indices, q, cosine)
             offsets = np.asarray([o for (o,) in self.db.execute(
                 "SELECT offset_s FROM windows WHERE file_id = ? ORDER BY idx", (fid,))], np.float64)
             keep = np.ones(n, bool)
@@ -486,18 +522,7 @@ class ArchiveIndex:
                     keep &= t >= since
                 if until is not None:
                     keep &= t < until
-            for i in np.flatnonzero(keep):
-                item = (float(scores[i]), -fid, -int(i), path, start, fsite)
-                if len(heap) < top:
-                    heapq.heappush(heap, item)
-                elif item > heap[0]:
-                    heapq.heapreplace(heap, item)
-        hits = []
-        for s, nfid, nidx, path, start, fsite in sorted(heap, reverse=True):
-            off = float(self.db.execute(
-                "SELECT offset_s FROM windows WHERE file_id = ? AND idx = ?", (-nfid, -nidx)).fetchone()[0])
-            hits.append(Hit(s, path, off, wlen, iso_utc(start + off) if start is not None else None, fsite))
-        return hits
+            yield FileScores(fid, path, start, fsite, offsets, keep, scores)
 
 
 def _pack(v: np.ndarray, labels: bool) -> tuple[str, int, int, bytes, bytes | None]:

@@ -160,6 +160,11 @@ def query_matrix(queries: Sequence[QueryVectors], expert: str) -> tuple[np.ndarr
 
 def clip_scores(fv: FileVectors, mats: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     """Scores of one clip for all queries: max over windows of sum_e w_e * (V_e @ q_e) -> [Q]."""
+    return window_scores(fv, mats).max(axis=0)
+
+
+def window_scores(fv: FileVectors, mats: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Scores of every window of one clip for all queries: sum_e w_e * (V_e @ q_e) -> [N, Q]."""
     total = None
     for name, (mat, w) in mats.items():
         if mat.shape[0] == 0:
@@ -168,7 +173,7 @@ def clip_scores(fv: FileVectors, mats: dict[str, tuple[np.ndarray, np.ndarray]])
         total = s if total is None else total + s
     if total is None:
         raise QueryRejected("no query vector matches an expert of this bundle")
-    return total.max(axis=0)
+    return total
 
 
 def fmt_offset(seconds: float) -> str:

@@ -1,6 +1,7 @@
 """The streaming pipeline: windows -> gate -> experts (front end + encoder) -> matcher -> detector.
 
-``Pipeline`` (``core``) strings the parts together; the daemon, offline scoring and archive
+``Pipeline`` (``core``) strings the parts together (and ``temporal`` turns the events of a temporal
+query's parts into its own); the daemon, offline scoring and archive
 embedding all run through it.
 """
 
@@ -8,5 +9,6 @@ from __future__ import annotations
 
 from .core import STAGES, Pipeline, run_detector
 from .detector import ActiveEvent, Transition
+from .temporal import TemporalEvent
 
-__all__ = ["STAGES", "ActiveEvent", "Pipeline", "Transition", "run_detector"]
+__all__ = ["STAGES", "ActiveEvent", "Pipeline", "TemporalEvent", "Transition", "run_detector"]

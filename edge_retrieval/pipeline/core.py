@@ -34,6 +34,7 @@ from .expert import AudioExpert, load_experts
 from .feedback import window_example
 from .gate import EnergyGate
 from .matcher import CompiledQuery, Matcher, Snapshot, compile_query
+from .temporal import TemporalCombiner, compile_temporal
 from .windows import ExpertWindowing, Tick, Windower, common_step
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class Pipeline:
         self.gate = EnergyGate(gate_dbfs)
         self.matcher = Matcher(m)
         self.detector = Detector(policy)
+        self.temporal = TemporalCombiner()  # temporal queries: their parts' events -> theirs
         self.sample_rate = int(sample_rate or longest.sample_rate)
         self.windower = self._windower(self.sample_rate)
         # counters (windows = ticks)
@@ -119,13 +121,39 @@ class Pipeline:
         if isinstance(q, CompiledQuery):
             return self.matcher.add(q)
         if q.deleted:
-            return self.matcher.remove(q.query_id, version=q.version)
+            parts = self._drop_temporal(q.query_id, q.version)
+            return self.matcher.remove(q.query_id, version=q.version) or parts
         if q.expired():
             raise QueryRejected(f"query {q.query_id!r} v{q.version} expired at {q.expires}")
-        return self.matcher.add(compile_query(q, self.bundle.manifest))
+        if q.temporal is None:
+            cq = compile_query(q, self.bundle.manifest)
+            old = self.temporal.get(q.query_id)
+            if old is not None and old.version >= q.version:
+                return False
+            self._drop_temporal(q.query_id)
+            return self.matcher.add(cq)
+        rule, parts = compile_temporal(q, self.bundle.manifest)
+        old_plain = self.matcher.get(q.query_id)
+        if (old_plain is not None and old_plain.version >= q.version) or not all(
+            [self.matcher.add(p) for p in parts]  # a list: add both or report the refusal of either
+        ):
+            return False
+        if old_plain is not None:
+            self.matcher.remove(q.query_id)
+        self.temporal.add(rule)
+        return True
+
+    def _drop_temporal(self, query_id: str, version: int | None = None) -> bool:
+        """Remove a temporal query's rule and parts (with a tombstone's version: replays stay refused)."""
+        rule = self.temporal.remove(query_id)
+        if rule is None:
+            return False
+        for pid in rule.part_ids:
+            self.matcher.remove(pid, version=version)
+        return True
 
     def remove_query(self, query_id: str) -> bool:
-        return self.matcher.remove(query_id)
+        return self._drop_temporal(query_id) or self.matcher.remove(query_id)
 
     # ------------------------------------------------------------------ windows
 
@@ -136,6 +164,12 @@ class Pipeline:
         """Start windowing a new stream (offsets from 0 again); queries and detector state are kept."""
         self.sample_rate = int(sample_rate or self.sample_rate)
         self.windower = self._windower(self.sample_rate)
+
+    def reset(self, sample_rate: int | None = None) -> None:
+        """An unrelated stream: new windows, and no detector or temporal state carried over (queries kept)."""
+        self.new_stream(sample_rate)
+        self.detector = Detector(self.detector.default_policy)
+        self.temporal.reset()
 
     def push(self, samples: np.ndarray) -> list[Tick]:
         """Source samples (mono float32 at ``sample_rate``) -> the ticks they complete."""
@@ -232,6 +266,7 @@ class Pipeline:
         """The detector over scored ticks (in stream order)."""
         t0 = time.thread_time()
         out = run_detector(self.detector, snap.queries, ((t.start_s, t.end_s) for t in ticks), rows)
+        out = self.temporal.process(out)  # always: parts of a rule just removed must not leak
         self.windows += len(ticks)
         self.stage_s["detector"] += time.thread_time() - t0
         return out
@@ -253,7 +288,8 @@ class Pipeline:
 
     def end_events(self) -> list[Transition]:
         """Close every open event (final updates), e.g. when the source has ended."""
-        return list(self.detector.flush())
+        out = list(self.detector.flush())
+        return self.temporal.process(out) + self.temporal.flush()
 
     def _steps(self, ticks: list[Tick]) -> list[Transition]:
         out: list[Transition] = []

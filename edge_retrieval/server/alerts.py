@@ -119,7 +119,7 @@ class AlertManager:
             raise ConfigError(f"alert id {qid!r} is not valid (expected {NAME_FORM})")
         held = self.store.alert(qid)
         msg, res = self.builder.build(text, qid, threshold, version=next_version(held["version"] if held else None),
-                                      policy=policy, expires=expires)
+                                      policy=policy, expires=expires, temporal=True)
         return self.publish(msg, kind, target), res
 
     def publish(self, msg: QueryMessage, kind: str, target: str) -> dict[str, Any]:

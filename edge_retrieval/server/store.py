@@ -293,7 +293,7 @@ class ServerStore:
             "INSERT INTO alerts VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET text=excluded.text, "
             "target_kind=excluded.target_kind, target=excluded.target, version=excluded.version, "
             "threshold=excluded.threshold, policy=excluded.policy, message=excluded.message, deleted=excluded.deleted",
-            (alert_id, text, target_kind, target, msg.version, msg.threshold if msg.threshold is not None else 0.0,
+            (alert_id, text, target_kind, target, msg.version, _threshold(msg),
              msg.policy.model_dump_json(exclude_none=True) if msg.policy else None, msg.to_json().decode(),
              utcnow(), int(deleted)),
         )
@@ -337,3 +337,12 @@ def parse_since(text: str) -> datetime:
     except ValueError as exc:
         raise ConfigError(f"--since {text!r} is not valid (expected e.g. 30m, 1h, 2d or an ISO 8601 time)") from exc
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def _threshold(msg: QueryMessage) -> float:
+    """The threshold column: the query's, a temporal query's lowest part threshold, 0 for a tombstone."""
+    if msg.threshold is not None:
+        return float(msg.threshold)
+    if msg.temporal is not None:
+        return min(p.threshold for p in msg.temporal.parts)
+    return 0.0

@@ -6,14 +6,15 @@ Each ``TextSpec.kind`` of a manifest names a registered ``TextSide`` factory:
   and the expert weights (``extra["gate"]``), one text side per expert sharing one index,
 - ``joint``: a text tower that gives a unit vector (CLAP),
 - ``projected``: a trained text projection (mixture of experts).
-``build_query`` turns a text into a signed-ready ``QueryMessage`` for a bundle.
+``QueryBuilder.build`` turns a text into a signed-ready ``QueryMessage`` for a bundle; a temporal
+text ("A followed by B within 30 s", grammar in ``text.temporal``) becomes one message with two parts.
 """
 
 from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from ..bundle import Bundle, TextSpec
 from ..errors import BundleError, QueryRejected
 from ..policy import PolicyOverlay
 from ..protocol import SCHEMA, QueryMessage, VectorPayload, utcnow
+from .temporal import build_temporal, parse_temporal
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,20 @@ class QueryBuilder:
         version: int = 1,
         policy: PolicyOverlay | None = None,
         expires: str | None = None,
+        *,
+        part_thresholds: Sequence[float] | None = None,
+        temporal: bool = False,
     ) -> tuple[QueryMessage, list[Resolution]]:
+        """A signed-ready message. With ``temporal`` a text with a relation ("A followed by B",
+        ``text.temporal``) gives one message carrying both parts (``part_thresholds``, default
+        ``threshold`` for each) and the resolutions of both parts in order; without it (retrieval
+        over captions, where "while" and "with" are ordinary words) every text is a plain query.
+        """
+        tq = parse_temporal(text) if temporal else None
+        if tq is not None:
+            thresholds = list(part_thresholds) if part_thresholds is not None else [threshold, threshold]
+            msg, per_part = build_temporal(self, tq, query_id, thresholds, version, policy, expires)
+            return msg, [r for res in per_part for r in res]
         res = self.resolve(text)
         lo = -1.0 if self.bundle.manifest.space.kind == "joint" else 0.0
         if not lo <= threshold <= 1.0:

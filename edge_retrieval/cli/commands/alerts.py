@@ -86,7 +86,9 @@ def _add(args: argparse.Namespace) -> int:
     from ...bundle import load_bundle
     from ...policy import PolicyOverlay
     from ...text import QueryBuilder, query_warnings
+    from ...text.temporal import parse_temporal
 
+    parse_temporal(args.text)  # a bad temporal text ("A followed by") fails before any broker connection
     if not args.bundle:
         raise ConfigError("--bundle is required (the full bundle with its text side, or set $EDGE_RETRIEVAL_BUNDLE)")
     bundle = load_bundle(args.bundle, part="server")

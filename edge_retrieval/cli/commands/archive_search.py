@@ -1,7 +1,9 @@
 """``edge-retrieval search "rain on a tin roof" --index INDEX``: rank indexed windows by a text query.
 
 Prints file, offset and (when the recording carries its start time) the absolute UTC time of
-the best windows. ``--audio FILE`` searches by example instead of by text.
+the best windows. ``--audio FILE`` searches by example instead of by text. A temporal query
+("gunshot followed by car engine within 60 s") ranks time spans where the pattern occurs
+(``offline.temporal_search``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from ...errors import ConfigError
 from ...offline.archive import ArchiveIndex, open_search_bundle, parse_when
 from ...offline.query_audio import example_query
 from ...offline.retrieval import FileEmbedder, fmt_offset, text_queries
+from ...offline.temporal_search import SpanHit, temporal_search
+from ...text.temporal import parse_temporal
 
 # best score at or below this (float16 storage) counts as "nothing scored"
 NOTHING_SCORED = 1e-3
@@ -54,7 +58,11 @@ def main(args: argparse.Namespace) -> int:
             # itself, where the linear score prefers louder sounds (README, "Query by example")
             query = example_query(FileEmbedder(bundle).embed_file(args.audio), bundle.manifest, sharpen=1.0)
         else:
+            tq = parse_temporal(args.text)  # "A followed by B": rank spans, not windows
             bundle = open_search_bundle(index, args.bundle)
+            if tq is not None:
+                spans = temporal_search(index, bundle, tq, top=args.top, since=since, until=until, site=args.site)
+                return _print_spans(args, tq.describe(), spans)
             query = text_queries(bundle, [args.text])[0]
         hits = index.search(query, top=args.top, since=since, until=until, site=args.site,
                             cosine=args.audio is not None)
@@ -83,4 +91,24 @@ def main(args: argparse.Namespace) -> int:
         for i, h in enumerate(hits, 1):
             extra = "  ".join(x for x in (h.time or "", h.site or "") if x)
             print(f"{i:>3}  {h.score:.4f}  {h.path}  @{fmt_offset(h.offset_s)}  {extra}".rstrip())
+    return 0
+
+
+def _print_spans(args: argparse.Namespace, relation: str, spans: list[SpanHit]) -> int:
+    rows = [h.as_dict() for h in spans]
+    if args.json:
+        print(json.dumps({"query": args.text.strip(), "relation": relation, "hits": rows}, indent=2))
+    elif args.csv:
+        w = csv.DictWriter(sys.stdout, fieldnames=["rank", "score", "file", "offset_s", "end_s", "time", "site", "parts"])
+        w.writeheader()
+        for i, r in enumerate(rows, 1):
+            w.writerow({"rank": i, **r, "parts": json.dumps(r["parts"])})
+    else:
+        print(f"temporal query: {relation}")
+        if not rows:
+            print("no matching spans")
+        for i, h in enumerate(spans, 1):
+            parts = ", ".join(f"{t!r} @{fmt_offset(o)} {sc:.3f}" for t, o, sc in h.parts)
+            extra = "  ".join(x for x in (h.time or "", h.site or "") if x)
+            print(f"{i:>3}  {h.score:.4f}  {h.path}  @{fmt_offset(h.start_s)}-{fmt_offset(h.end_s)}  {parts}  {extra}".rstrip())
     return 0

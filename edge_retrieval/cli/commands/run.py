@@ -126,6 +126,7 @@ def local_queries(
 ) -> list[QueryMessage]:
     """Text specs -> query messages through the bundle's text side; prints resolution warnings."""
     from ...text import QueryBuilder, query_warnings
+    from ...text.temporal import parse_temporal
 
     qb = QueryBuilder(bundle)
     taken: set[str] = {s["id"] for s in specs if s.get("id")}
@@ -147,10 +148,15 @@ def local_queries(
                 err = exc.errors()[0]
                 raise ConfigError(f"policy of query {text!r}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from exc
         qid = s.get("id") or _slug(text, taken)
-        msg, res = qb.build(text, qid, float(thr), policy=policy)
+        tq = parse_temporal(text)  # "A followed by B": each part gets its own default threshold
+        part_thr = None
+        if tq is not None and s.get("threshold") is None:
+            part_thr = [default_threshold(bundle, part, config_threshold) for part in tq.parts]
+        msg, res = qb.build(text, qid, float(thr), policy=policy, part_thresholds=part_thr, temporal=True)
         if warn is not None:
-            for w in query_warnings(text, res):
-                warn(f"warning: query {text!r}: {w}")
+            for part in (tq.parts if tq is not None else (text,)):
+                for w in query_warnings(part, qb.resolve(part) if tq is not None else res):
+                    warn(f"warning: query {part!r}: {w}")
         msgs.append(msg)
     return msgs
 
