@@ -329,12 +329,13 @@ def test_a_signed_temporal_message_runs_on_the_device(tmp_path, tiny_bundle, sce
     qs = QueryStore(tmp_path / "q.sqlite", daemon, device="dev-1", public_key=key.public_key(), report=reports.append)
     msg, _ = QueryBuilder(tiny_bundle).build("whistle after beep within 10 s", "poach-1", 0.5, temporal=True)
     topic = group_query_topic("site-a", "poach-1")
+    msg = msg.model_copy(update={"topic": topic})  # a signed query names its topic (issue 12)
     assert qs.handle(topic, sign_message(msg, key).to_json()) == "applied", reports
     daemon.run()
     (ev,) = sink.finals()
     assert parse_event(ev.to_json()) == ev  # the wire form carries the parts
     assert (ev.query_id, ev.relation, [p.text for p in ev.parts]) == ("poach-1", "sequence", ["beep", "whistle"])
-    tomb = QueryMessage.model_validate({"schema": 1, "query_id": "poach-1", "version": 2, "deleted": True})
+    tomb = QueryMessage.model_validate({"schema": 1, "query_id": "poach-1", "version": 2, "deleted": True, "topic": topic})
     assert qs.handle(topic, sign_message(tomb, key).to_json()) == "removed"
     assert len(daemon.matcher) == 0
 

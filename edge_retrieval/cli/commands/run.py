@@ -326,7 +326,7 @@ def main(args: argparse.Namespace) -> int:
     cfg_thr = cfg.detection.threshold
     msgs = local_queries(bundle, specs, cfg_thr, warn=lambda line: print(line, file=err)) if specs else []
     # start lines, printed once everything is validated (an error stays one line)
-    starts = [f"query {m.query_id!r}: {m.text!r}, threshold {m.threshold:g}" for m in msgs]
+    starts = [_start_line(m) for m in msgs]
     if args.query_audio:
         from ...offline.query_audio import EXAMPLE_ALPHA, WEAK_SELF_SCORE, example_from_audio
 
@@ -420,6 +420,13 @@ def summary_line(h: dict[str, Any]) -> str:
         f"gated {h['gated']}, dropped {h['dropped']}, failed {h['failed']}, RTF {rtf_s}, "
         f"events {h['events']}{extra}"
     )
+
+
+def _start_line(m: QueryMessage) -> str:
+    if m.temporal is not None:  # a temporal query: each part has its own threshold
+        parts = ", ".join(f"{p.text!r} threshold {p.threshold:g}" for p in m.temporal.parts)
+        return f"query {m.query_id!r}: {m.text!r} ({m.temporal.relation} within {m.temporal.within_s:g} s: {parts})"
+    return f"query {m.query_id!r}: {m.text!r}, threshold {m.threshold:g}"
 
 
 class ScorePrinter:
