@@ -11,7 +11,7 @@
 #      events compared (needs a full bundle: the text side turns the queries into vectors);
 #   3. parity of every expert (front end + every ONNX output) on the same windows of real
 #      recordings, aarch64 vs this host (python -m edge_retrieval.benchmarks.arm_parity).
-# Exit 0 only when every step passes. Emulated times mean nothing for a board: none are reported.
+# Exit 0 only when every step passes (1: a check failed, 2: bad usage, 3: --no-build and no cache). Emulated times mean nothing for a board: none are reported.
 #
 # onnxruntime is pinned to 1.26.0 here ONLY: 1.28 and newer crash at import under Debian 12's
 # qemu-user 7.2 (an instruction the emulator lacks); 1.26 runs. A Pi installs the newest one.
@@ -25,7 +25,7 @@
 #   --cpu MODEL      emulated CPU (default cortex-a72 = Pi 4; cortex-a76 = Pi 5, has int8 dot product).
 #                    Not 'max': its SVE makes onnxruntime's kernels ~17x slower to emulate.
 #   --parity-only    skip verify and the daemon run
-#   --no-build       fail instead of building a missing userland or site (what the test uses)
+#   --no-build       exit 3 instead of building a missing userland or site (what the test uses)
 # Needs: qemu-user-static, debootstrap (first run only; Debian packages), network to the Debian
 # archive and PyPI on the first run. First run ~2-3 min of downloads, then cached.
 set -euo pipefail
@@ -48,6 +48,7 @@ MIRROR=${EDGE_RETRIEVAL_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 HOSTPY=${HOSTPY:-$REPO/.venv/bin/python}
 
 die() { echo "arm_check: error: $*" >&2; exit 2; }
+no_cache() { echo "arm_check: no cache: $*" >&2; exit 3; }  # --no-build and nothing built: exit 3
 while [ $# -gt 0 ]; do
   case "$1" in
     --cache) CACHE=$2; shift 2 ;;
@@ -72,11 +73,14 @@ for b in "${BUNDLES[@]}"; do
 done
 [ -x "$HOSTPY" ] || die "host python '$HOSTPY' not found (run scripts/setup.sh, or set HOSTPY)"
 QEMU=$(command -v qemu-aarch64-static || true)
-[ -n "$QEMU" ] || die "qemu-aarch64-static not found (apt-get install qemu-user-static)"
+[ -n "$QEMU" ] || { [ "$NO_BUILD" = 1 ] && no_cache "qemu-aarch64-static not found"; die "qemu-aarch64-static not found (apt-get install qemu-user-static)"; }
 mkdir -p "$CACHE"
 CACHE=$(cd "$CACHE" && pwd)
 OUT=${OUT:-$CACHE/last-run}
-rm -rf "$OUT" && mkdir -p "$OUT"
+if [ -d "$OUT" ] && [ -n "$(ls -A "$OUT")" ] && [ ! -f "$OUT/.arm_check" ]; then
+  die "--out '$OUT' is a non-empty folder that arm_check did not make; give a new or empty one"
+fi
+rm -rf "$OUT" && mkdir -p "$OUT" && touch "$OUT/.arm_check"
 OUT=$(cd "$OUT" && pwd)
 T0=$SECONDS
 step() { echo "== [$((SECONDS - T0)) s] $*"; }
@@ -84,7 +88,7 @@ step() { echo "== [$((SECONDS - T0)) s] $*"; }
 # ---------------------------------------------------------------- userland
 ROOT=$CACHE/rootfs-$SUITE
 if [ ! -f "$ROOT/.complete" ]; then
-  [ "$NO_BUILD" = 0 ] || die "no arm64 userland at $ROOT (run scripts/arm_check.sh once without --no-build)"
+  [ "$NO_BUILD" = 0 ] || no_cache "no arm64 userland at $ROOT (run scripts/arm_check.sh once without --no-build)"
   command -v debootstrap >/dev/null || die "debootstrap not found (apt-get install debootstrap)"
   step "building the arm64 userland ($SUITE, python$PYVER) in $ROOT"
   rm -rf "$ROOT.tmp" && mkdir -p "$ROOT.tmp"
@@ -114,7 +118,7 @@ EOF
 KEY=$(sha256sum "$REQS" | cut -c1-12)
 SITE=$CACHE/site-cp${PYVER/./}-$KEY
 if [ ! -f "$SITE/.complete" ]; then
-  [ "$NO_BUILD" = 0 ] || die "no aarch64 site-packages at $SITE for these requirements (run scripts/arm_check.sh once without --no-build)"
+  [ "$NO_BUILD" = 0 ] || no_cache "no aarch64 site-packages at $SITE for these requirements (run scripts/arm_check.sh once without --no-build)"
   step "installing aarch64 wheels into $SITE"
   rm -rf "$SITE.tmp"
   "$HOSTPY" -m pip install -q --no-warn-conflicts --disable-pip-version-check --target "$SITE.tmp" \
