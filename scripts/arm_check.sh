@@ -8,13 +8,13 @@
 # then for each BUNDLE (fp32 and any int8 variant; default: the one `edge-retrieval demo` builds):
 #   1. `edge-retrieval bundle verify BUNDLE` under emulation;
 #   2. `edge-retrieval run --source REC --query ... --json` under emulation and on the host,
-#      events compared (needs a full bundle: the text side turns the queries into vectors);
+#      events compared (a slim bundle has no text side: the recording itself is the query);
 #   3. parity of every expert (front end + every ONNX output) on the same windows of real
 #      recordings, aarch64 vs this host (python -m edge_retrieval.benchmarks.arm_parity).
 # Exit 0 only when every step passes (1: a check failed, 2: bad usage, 3: --no-build and no cache). Emulated times mean nothing for a board: none are reported.
 #
-# onnxruntime is pinned to 1.26.0 here ONLY: 1.28 and newer crash at import under Debian 12's
-# qemu-user 7.2 (an instruction the emulator lacks); 1.26 runs. A Pi installs the newest one.
+# onnxruntime is pinned to 1.26.0 here ONLY: 1.28 and newer die at import (SIGSEGV) under Debian
+# 12's qemu-user 7.2, with any -cpu model; 1.26 runs the whole check. A Pi installs the newest one.
 #
 # Options:
 #   --cache DIR      userland + wheels (default $EDGE_RETRIEVAL_ARM_CACHE or ~/.cache/edge-retrieval/arm64)
@@ -179,11 +179,14 @@ EOF
 
     if [ -z "$RECORDING" ] || [ ! -f "$RECORDING" ]; then
       echo "FAIL $name: no recording for the daemon run (--recording FILE)"; status=1
-    elif ! "$HOSTPY" -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get("server") else 1)' "$B/manifest.json"; then
-      echo "   $name is a slim bundle (no text side): daemon run skipped, --query needs the text side"
     else
-      step "$name: edge-retrieval run --source $(basename "$RECORDING") (aarch64, then host)"
-      qargs=(); for q in "${QUERIES[@]}"; do qargs+=(--query "$q"); done
+      qargs=()
+      if "$HOSTPY" -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get("server") else 1)' "$B/manifest.json"; then
+        for q in "${QUERIES[@]}"; do qargs+=(--query "$q"); done
+      else  # slim bundle (what a device gets): no text side, so the recording's own vector is the query
+        qargs=(--query-audio "$RECORDING")
+      fi
+      step "$name: edge-retrieval run --source $(basename "$RECORDING") ${qargs[*]:0:2} ... (aarch64, then host)"
       arm -c "$CLI" run --bundle "$B" --source "$RECORDING" "${qargs[@]}" --json --threads 1 \
         > "$W/events-arm64.jsonl" 2> "$W/run-arm64.err" \
         || { tail -3 "$W/run-arm64.err" >&2; echo "FAIL $name: daemon run on aarch64"; status=1; }
