@@ -4,6 +4,9 @@
                          [--epochs 60] [--subset N] [--audio-root DIR] [--cache DIR]
     edge-retrieval train --from-weights export/data/moee --base BUNDLE --out bundles/moee
                          (no training data: the committed weights on the given base bundle)
+    edge-retrieval train ... --yamnet DEFAULT_BUNDLE --experts birdnet_emb,aisfx,yamnet_emb,bridge
+                         (YAMNet's embedding as a fourth expert; --base may also be the default
+                         bundle itself when the BirdNET label-bridge expert is left out)
 
 Pipeline (Oncescu et al. 2021 after Miech et al.'s MoEE):
 1. read ``path,caption,package,licence`` rows; split train / dev / validation **by package**
