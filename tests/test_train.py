@@ -288,3 +288,38 @@ def test_committed_ensemble_on_held_out_fixture_clips(birdnet_bundle, tmp_path: 
                    for c, q in zip(cats, text_queries(b, [FIXED_QUERIES[c] for c in cats]), strict=True)]
     right = sum(c == got for c, got in results) / len(results)
     assert right >= 0.7, results
+
+
+def test_yamnet_embedding_as_an_expert(dataset: Path, yamnet_bundle, tmp_path: Path,  # noqa: ANN001
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 11's fourth expert: YAMNet's 1024-d embedding (the yamnet expert's extra output of
+    --yamnet) trained on a 40-clip subset; the device path applies the saved projection to that
+    output, and --from-weights rebuilds the same space (and names --yamnet when it is missing)."""
+    from edge_retrieval import load_bundle
+    from edge_retrieval.pipeline.expert import AudioExpert, load_experts
+
+    out, weights = tmp_path / "ens", tmp_path / "w"
+    assert cli(["train", "--data", str(dataset / "captions.csv"), "--out", str(out), "--audio-root", str(dataset),
+                "--cache", str(tmp_path / "cache"), "--subset", "40", "--epochs", "2", "--experts", "aisfx,yamnet_emb",
+                "--yamnet", str(yamnet_bundle.root), "--weights-out", str(weights)]) == 0
+    b = load_bundle(out, part="all")
+    experts = {e.name: e for e in load_experts(b)}
+    assert set(experts) == {"aisfx", "yamnet_emb"}
+    ye = experts["yamnet_emb"]
+    rng = np.random.default_rng(0)
+    x = (0.1 * rng.standard_normal((2, ye.window_samples))).astype(np.float32)
+    yspec = yamnet_bundle.manifest.expert("yamnet")
+    _, (raw,) = AudioExpert(yamnet_bundle, yspec, extra_outputs=["EMBEDDING"]).embed(x, with_extra=True)
+    with np.load(weights / "proj_yamnet_emb.npz") as z:
+        assert z["W"].shape[0] == 1024
+        ref = raw @ z["W"] + z["b"]
+    np.testing.assert_allclose(ye.embed(x), ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-5)
+
+    assert cli(["train", "--from-weights", str(weights), "--yamnet", str(yamnet_bundle.root),
+                "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "ens2")]) == 0
+    assert load_bundle(tmp_path / "ens2").manifest.space.id == b.manifest.space.id
+    capsys.readouterr()
+    assert cli(["train", "--from-weights", str(weights), "--out", str(tmp_path / "ens3")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--yamnet" in err[0], err
+    assert not (tmp_path / "ens3").exists()
