@@ -130,10 +130,11 @@ def scipy_frontend(bundle: Bundle, spec: ExpertSpec) -> Callable[[np.ndarray], n
         import scipy.fft as sfft
     except ImportError:
         return None
-    from ..frontends.birdnet import BirdnetFrontend, BirdnetParams, load_constants
+    from ..frontends import load_constants
+    from ..frontends.birdnet import BirdnetFrontend, BirdnetParams
 
     p = BirdnetParams.from_dict(spec.frontend.params)
-    arrays = load_constants(bundle.path(p.constants))
+    arrays = load_constants(p.constants, bundle.root, "BirdNET")
     return BirdnetFrontend(p, arrays, rfft=partial(sfft.rfft, axis=-1, overwrite_x=True, workers=1))
 
 

@@ -117,11 +117,12 @@ def test_numpy_frontend_reproduces_the_tflite_spectrogram(birdnet_bundle: Bundle
 
 
 def test_folded_frontend_agrees_with_rfft(birdnet_bundle: Bundle) -> None:
-    from edge_retrieval.frontends.birdnet import BirdnetFrontend, BirdnetParams, load_constants
+    from edge_retrieval.frontends import load_constants
+    from edge_retrieval.frontends.birdnet import BirdnetFrontend, BirdnetParams
 
     e = birdnet_bundle.manifest.expert("birdnet")
     p = BirdnetParams.from_dict(e.frontend.params)
-    arrays = load_constants(birdnet_bundle.path(p.constants))
+    arrays = load_constants(p.constants, birdnet_bundle.root, "BirdNET")
     wins = _windows(4, seed=3)
     a, b = BirdnetFrontend(p, arrays, "rfft")(wins), BirdnetFrontend(p, arrays, "folded")(wins)
     assert np.abs(a - b).max() <= 5e-4 * np.abs(a).max()

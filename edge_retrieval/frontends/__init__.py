@@ -62,6 +62,20 @@ def make_frontend(kind: str, params: dict[str, Any], root: str | Path | None = N
         raise BundleError(f"front end {kind!r}: bad parameters {params!r} ({exc})") from exc
 
 
+def load_constants(constants: str | Path, root: Path | None, family: str) -> dict[str, np.ndarray]:
+    """A front end's constants file (``.npz`` of float32 arrays), relative to the bundle root."""
+    path = Path(constants)
+    if not path.is_absolute():
+        if root is None:
+            raise ValueError(f"constants file {str(constants)!r} is relative and no bundle root was given")
+        path = Path(root) / path
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k].astype(np.float32) for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"cannot read {family} front-end constants {str(path)!r}: {exc}") from exc
+
+
 @register_frontend("in-graph")
 def _in_graph(params: dict[str, Any]) -> Frontend:
     """The ONNX graph takes raw audio: pass windows through as float32."""

@@ -26,8 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BundleError
-from . import Frontend, register_frontend
+from . import Frontend, load_constants, register_frontend
 
 _SUPPORTED = {
     "rescale": "minmax_-1_1",
@@ -189,21 +188,8 @@ class BirdnetFrontend:
             out[..., c] = (spec if flipped else spec[:, :, ::-1]).transpose(0, 2, 1)
 
 
-def load_constants(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k].astype(np.float32) for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"cannot read BirdNET front-end constants {str(path)!r}: {exc}") from exc
-
-
 @register_frontend("birdnet", needs_root=True)
 def make_birdnet(params: dict[str, Any], root: Path | None = None) -> Frontend:
     """Factory: params from the manifest, constants from ``root / params['constants']``."""
     p = BirdnetParams.from_dict(params)
-    path = Path(p.constants)
-    if not path.is_absolute():
-        if root is None:
-            raise ValueError(f"constants file {p.constants!r} is relative and no bundle root was given")
-        path = Path(root) / path
-    return BirdnetFrontend(p, load_constants(path))
+    return BirdnetFrontend(p, load_constants(p.constants, root, "BirdNET"))

@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BundleError
-from . import Frontend, register_frontend
+from . import Frontend, load_constants, register_frontend
 
 _LAYOUT = "B,patches,frames,mels"
 
@@ -125,21 +124,8 @@ class YamnetFrontend:
         return np.ascontiguousarray(self.log_mel(windows)[:, self.patch_index])
 
 
-def load_constants(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k].astype(np.float32) for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"cannot read YAMNet front-end constants {str(path)!r}: {exc}") from exc
-
-
 @register_frontend("yamnet_logmel", needs_root=True)
 def make_yamnet(params: dict[str, Any], root: Path | None = None) -> Frontend:
     """Factory: params from the manifest, constants from ``root / params['constants']``."""
     p = YamnetParams.from_dict(params)
-    path = Path(p.constants)
-    if not path.is_absolute():
-        if root is None:
-            raise ValueError(f"constants file {p.constants!r} is relative and no bundle root was given")
-        path = Path(root) / path
-    return YamnetFrontend(p, load_constants(path))
+    return YamnetFrontend(p, load_constants(p.constants, root, "YAMNet"))

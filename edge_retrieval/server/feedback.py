@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
-import threading
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import ConfigError, QueryRejected, StoreError
+from ..errors import ConfigError, QueryRejected
 from ..protocol import MAX_EXAMPLES, Event, Example, QueryMessage, VectorPayload, utcnow
 from .alerts import AlertManager, next_version
+from .sqlite_db import SqliteDb
 
 log = logging.getLogger(__name__)
 
@@ -35,26 +34,12 @@ CREATE TABLE IF NOT EXISTS feedback (
 """
 
 
-class Feedback:
+class Feedback(SqliteDb):
     """Event vectors, feedback records and alert revisions (own connection to the server's SQLite)."""
 
     def __init__(self, path: str | Path, alerts: AlertManager) -> None:
-        self.path = Path(path).expanduser()
         self.alerts = alerts
-        self._lock = threading.Lock()
-        try:
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=15)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open server database {str(self.path)!r}: {exc}") from exc
-
-    def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
-        try:
-            with self._lock:
-                return self._db.execute(sql, args)
-        except sqlite3.Error as exc:
-            raise StoreError(f"server database {str(self.path)!r}: {exc}") from exc
+        super().__init__(path, _SCHEMA)
 
     def on_event(self, ev: Event, new: bool) -> None:
         """FleetServer listener: keep the vectors an event carries (its final update has them)."""

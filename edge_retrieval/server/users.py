@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import sqlite3
 import threading
 import time
 from collections import deque
@@ -17,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, StoreError
+from ..errors import ConfigError
 from ..protocol import NAME_FORM, NAME_RE, utcnow
+from .sqlite_db import SqliteDb
 
 ROLES = ("viewer", "ranger")
 MIN_PASSWORD = 10  # characters
@@ -53,27 +53,12 @@ class Session:
         return self.role == "ranger"
 
 
-class Users:
+class Users(SqliteDb):
     """Accounts and sessions (own connection to the server's SQLite file, WAL)."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path).expanduser()
-        self._lock = threading.Lock()
         self._ph = _hasher()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=15)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open server database {str(self.path)!r}: {exc}") from exc
-
-    def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
-        try:
-            with self._lock:
-                return self._db.execute(sql, args)
-        except sqlite3.Error as exc:
-            raise StoreError(f"server database {str(self.path)!r}: {exc}") from exc
+        super().__init__(path, _SCHEMA)
 
     # ------------------------------------------------------------------ accounts
 
