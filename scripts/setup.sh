@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 
-SYS_PKGS="mosquitto mosquitto-clients pulseaudio pulseaudio-utils libportaudio2 libasound2-plugins libsndfile1 systemd sox"
+SYS_PKGS="mosquitto mosquitto-clients postgresql pulseaudio pulseaudio-utils libportaudio2 libasound2-plugins libsndfile1 systemd sox"
 missing=""
 for p in $SYS_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
