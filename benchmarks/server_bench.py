@@ -211,22 +211,27 @@ def run_case(broker_url: str, db: str, workdir: Path, servers: int, devices: int
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="server_bench", description=__doc__.splitlines()[0])
-    p.add_argument("--broker", required=True, help="mqtt://host:port of a running Mosquitto 2 (MQTT 5)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", default=None, help="mqtt://host:port of a running Mosquitto 2 (MQTT 5)")
     p.add_argument("--postgres", default=None, help="postgresql://user@host:port (a database per case is created)")
-    p.add_argument("--work", type=Path, default=Path("/tmp/edge-retrieval-server-bench"))
-    p.add_argument("--devices", type=int, default=1000)
+    p.add_argument("--server-work", type=Path, default=Path("/tmp/edge-retrieval-server-bench"))
+    p.add_argument("--devices", type=int, default=1000, help="simulated devices (default 1000)")
     p.add_argument("--rate", type=float, default=1.0, help="events per second per device (default 1)")
-    p.add_argument("--seconds", type=float, default=60.0)
-    p.add_argument("--servers", default="1,2", help="server counts (default 1,2)")
-    p.add_argument("--dbs", default="sqlite,postgresql")
-    p.add_argument("--kill-at", type=float, default=None, help="SIGKILL server srv-1 this many seconds in")
-    p.add_argument("--json", type=Path, default=None)
-    args = p.parse_args(argv)
+    p.add_argument("--seconds", type=float, default=60.0, help="publishing time per case (default 60)")
+    p.add_argument("--servers", default="1,2", help="server process counts (default 1,2)")
+    p.add_argument("--dbs", default="sqlite,postgresql", help="stores (default sqlite,postgresql)")
+    p.add_argument("--kill-at", type=float, default=None, help="SIGKILL server srv-1 this many seconds in (n > 1)")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every (store, server count) case; the results object."""
+    from ..errors import ConfigError
     from .board import board_info
 
-    results: dict[str, Any] = {"schema": 1, "part": "server", "board": board_info("x86-2core-shared", None),
+    if not args.broker:
+        raise ConfigError("--server needs --broker mqtt://host:port (a running Mosquitto 2)")
+    results: dict[str, Any] = {"schema": 1, "part": "server",
+                               "board": board_info(getattr(args, "board", None) or "unnamed", getattr(args, "note", None)),
                                "started": utcnow(), "cases": []}
     for dbk in args.dbs.split(","):
         for n in (int(x) for x in args.servers.split(",")):
@@ -241,14 +246,36 @@ def main(argv: list[str] | None = None) -> int:
                     con.execute(f"CREATE DATABASE {name}")
                 db = f"{args.postgres}/{name}"
             else:
-                db = str(args.work / tag / "server.sqlite")
-            r = run_case(args.broker, db, args.work / tag, n, args.devices, args.rate, args.seconds,
+                db = str(args.server_work / tag / "server.sqlite")
+            r = run_case(args.broker, db, args.server_work / tag, n, args.devices, args.rate, args.seconds,
                          kill_at_s=args.kill_at if n > 1 else None)
-            print(json.dumps({k: v for k, v in r.items() if k != "server_lines"}), flush=True)
+            print(json.dumps({k: v for k, v in r.items() if k != "server_lines"}), file=sys.stderr, flush=True)
             results["cases"].append(r)
     results["finished"] = utcnow()
+    return results
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = [f"{'store':>10} {'servers':>7} {'published':>9} {'lost':>5} {'twice':>5} {'events/s':>9} "
+             f"{'p50 ms':>8} {'p99 ms':>8} {'killed':>6}"]
+    for r in results["cases"]:
+        lines.append(f"{r['db']:>10} {r['servers']:>7} {r['published']:>9} {r['lost']:>5} {r['stored_twice']:>5} "
+                     f"{r['events_per_s']:>9.1f} {r['latency_p50_ms']:>8.1f} {r['latency_p99_ms']:>8.1f} "
+                     f"{'yes' if r['killed_at_s'] is not None else 'no':>6}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="server_bench", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--board", default=None)
+    p.add_argument("--note", default=None)
+    args = p.parse_args(argv)
+    results = run(args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
+    print(render(results))
     return 0
 
 

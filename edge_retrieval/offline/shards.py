@@ -164,11 +164,11 @@ def _faiss():  # noqa: ANN202
 def build_ivfpq(v: np.ndarray, out: Path, seed: int = 0) -> None:
     """Train and fill a faiss IVF-PQ (inner product) over float16 rows; written to ``out``.
 
-    nlist ~ 4 sqrt(n) cells; PQ with dim/16 sub-quantisers of 8 bits (64 bytes per 1024-d window,
+    nlist ~ sqrt(n) cells; PQ with dim/16 sub-quantisers of 8 bits (64 bytes per 1024-d window,
     32x smaller than float16), trained on at most 64 windows per cell."""
     faiss = _faiss()
     n, d = v.shape
-    nlist = int(min(4096, max(16, 4 * np.sqrt(n))))
+    nlist = int(min(4096, max(16, np.sqrt(n))))
     m = max(d // 16, min(d, 16))  # >= 16 bytes per window: short vectors keep their recall
     while d % m:
         m -= 1
