@@ -147,3 +147,30 @@ def test_workers_and_a_dask_cluster_index_the_same_as_one_process(tmp_path: Path
     assert one == _hits(tmp_path / "procs", bundle) == _hits(tmp_path / "dask", bundle)
     with ArchiveIndex(tmp_path / "dask") as index:
         assert index.stats()["shards"] >= 2 and not list(index.incoming.glob("*"))
+
+
+def test_threshold_algorithm_equals_a_full_scan_over_several_shards(tmp_path: Path) -> None:
+    """Skewed label popularity (as BirdNET's top-64), lists read only in part: same rows, same scores."""
+    rng = np.random.default_rng(4)
+    pop = 1.0 / np.arange(1, DIM + 1) ** 1.2
+    pop /= pop.sum()
+    shards = []
+    for s in range(3):
+        n = 20_000
+        idx = np.stack([rng.choice(DIM, 64, replace=False, p=pop) for _ in range(n)]).astype(np.uint16)
+        p = rng.beta(0.5, 3.0, (n, 64)).astype(np.float16)
+        b = ShardBuilder({"lab": {"kind": "top", "dim": DIM, "k": 64}})
+        b.add_windows(ShardFile(f"/{s}.wav", 1, 1, float(n), 8000, None, None, None, n), np.arange(float(n)),
+                      top={"lab": (idx, p)}, dense={})
+        shards.append(Shard(tmp_path / b.write(tmp_path)))
+    for j in range(10):
+        q = _query(rng, nnz=64 if j % 2 else 5).vectors[0]
+        masks = [None] * 3 if j < 5 else [rng.random(20_000) < 0.3 for _ in range(3)]
+        got = shards_mod.search_shards(shards, masks, ("lab",), (q,), (1.0,), 10)[:10]
+        full = []
+        for si, (sh, m) in enumerate(zip(shards, masks, strict=True)):
+            sc = sh.labels_scores("lab", q)
+            full.extend((float(sc[r]), si, int(r)) for r in range(sh.n) if m is None or m[r])
+        full.sort(key=lambda t: (-t[0], t[1], t[2]))
+        assert [(c.shard, c.row) for c in got] == [(si, r) for _, si, r in full[:10]]
+        assert np.allclose([c.score for c in got], [sc for sc, _, _ in full[:10]], atol=1e-5)

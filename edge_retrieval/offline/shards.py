@@ -38,6 +38,7 @@ SHARD_FORMAT = 1
 SHARD_WINDOWS = 1_000_000  # a writer starts a new shard past this many windows (~12 days at a 1 s hop)
 ANN_MIN_WINDOWS = 50_000  # dense shards smaller than this are scanned exactly (fast enough, no training)
 ANN_CANDIDATES = 20  # re-ranked candidates per wanted hit (top 10 -> 200 exact dot products per shard)
+TA_DEPTH = 256  # first depth read from each posting list by the threshold algorithm
 TIE_LIMIT = 4  # a shard returns windows tied with its k-th best, up to this many times k
 _CHUNK = 65_536  # rows per float16 -> float32 block in exact dense scans (bounds temporary memory)
 
@@ -120,7 +121,10 @@ class ShardBuilder:
                     k = int(spec["k"])
                     idx = np.concatenate([a for a, _ in parts]) if parts else np.zeros((0, k), np.uint16)
                     p = np.concatenate([b for _, b in parts]) if parts else np.zeros((0, k), np.float16)
+                    np.save(tmp / f"{ename}.top_idx.npy", idx)
+                    np.save(tmp / f"{ename}.top_p.npy", p)
                     indptr, rows, data = _posting_lists(idx, p, dim)
+                    del idx, p
                     np.save(tmp / f"{ename}.indptr.npy", indptr)
                     np.save(tmp / f"{ename}.rows.npy", rows)
                     np.save(tmp / f"{ename}.data.npy", data)
@@ -140,12 +144,17 @@ class ShardBuilder:
 
 
 def _posting_lists(idx: np.ndarray, p: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row-major top-k (indices, probabilities) -> CSC (indptr, rows, data), zeros dropped, rows ascending."""
+    """Row-major top-k (indices, probabilities) -> CSC (indptr, rows, data), zeros dropped; within a
+    label, entries by probability, highest first (impact order, for the threshold algorithm)."""
     n, k = idx.shape
     flat_p = p.reshape(-1)
     keep = np.flatnonzero(flat_p != 0)
     cols = idx.reshape(-1)[keep]
-    order = np.argsort(cols, kind="stable")
+    # one uint32 key: label in the high half, the complement of the float16 bits in the low half
+    # (non-negative float16 values order as their bit patterns), so one stable sort does both
+    key = (cols.astype(np.uint32) << 16) | (0xFFFF - flat_p[keep].view(np.uint16)).astype(np.uint32)
+    order = np.argsort(key, kind="stable")
+    del key
     rows = (keep[order] // max(k, 1)).astype(np.int32)
     data = flat_p[keep[order]].astype(np.float16)
     indptr = np.zeros(dim + 1, np.int64)
@@ -230,6 +239,61 @@ class Shard:
         mat = csc_array((data, rows, sub_ptr), shape=(self.n, cols.size))
         return np.asarray(mat @ q[cols].astype(np.float32), np.float32)
 
+    def labels_top(self, expert: str, q: np.ndarray, top: int, mask: np.ndarray | None,
+                   floor: float) -> tuple[np.ndarray, np.ndarray] | None:
+        """Exact best rows of a labels query without touching most windows: Fagin's threshold
+        algorithm over the impact-ordered posting lists. Reads the lists of the query's labels to a
+        depth, scores every row met exactly (row-major top-k), and stops when the k-th best score
+        (or ``floor``, the k-th best of shards already searched) beats the most an unread row can
+        score: sum_k w_k x (the next probability in list k). Depth grows 4x per round.
+        Returns (rows, exact scores) holding every row that can be in the top ``top``; None when
+        the lists run out first (fewer rows with a positive score than ``top``: scan instead)."""
+        indptr = self._load(f"{expert}.indptr.npy")
+        cols = np.flatnonzero(q)
+        if cols.size == 0:
+            return None
+        rows_all, data_all = self._load(f"{expert}.rows.npy"), self._load(f"{expert}.data.npy")
+        tidx, tp = self._load(f"{expert}.top_idx.npy"), self._load(f"{expert}.top_p.npy")
+        w = q[cols].astype(np.float32)
+        qf = q.astype(np.float32)
+        starts = indptr[cols]
+        lens = indptr[cols + 1] - starts
+        seen = np.zeros(self.n, bool)
+        got_rows: list[np.ndarray] = []
+        got_scores: list[np.ndarray] = []
+        prev, depth = 0, TA_DEPTH
+        while True:
+            parts = [rows_all[s + prev:s + min(depth, n)] for s, n in zip(starts, lens, strict=True) if n > prev]
+            new = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int32)
+            new = new[~seen[new]]
+            seen[new] = True
+            if mask is not None:
+                new = new[mask[new]]
+            if new.size:
+                got_rows.append(new)
+                got_scores.append((tp[new].astype(np.float32) * qf[tidx[new]]).sum(axis=1))
+            more = depth < lens
+            if not more.any():
+                break  # every list read: all rows with a positive score are scored
+            nxt = np.zeros(cols.size, np.float32)
+            nxt[more] = data_all[(starts + depth)[more]].astype(np.float32)
+            bound = float((w * nxt).sum())
+            n_got = sum(a.size for a in got_scores)
+            if n_got >= top:
+                allsc = np.concatenate(got_scores)
+                kth = float(np.partition(allsc, n_got - top)[n_got - top])
+                if max(kth, floor) > bound:
+                    break
+            elif floor > bound:
+                break
+            prev, depth = depth, depth * 4
+        n_got = sum(a.size for a in got_scores)
+        if n_got < top and not (floor > 0):
+            return None
+        if not got_rows:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return np.concatenate(got_rows).astype(np.int64), np.concatenate(got_scores)
+
     def dense_scores(self, expert: str, q: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """Exact inner products with float16 rows (all rows, or ``rows``), in bounded blocks."""
         v = self._load(f"{expert}.f16.npy")
@@ -285,7 +349,9 @@ def search_shards(
 
     ``masks[i]`` keeps shard i's rows where True (None: all). Labels experts are scored exactly from
     posting lists; a query whose only expert is dense uses a shard's IVF-PQ for candidates, then
-    exact inner products; a mixture is scored exactly for every expert."""
+    exact inner products; a mixture is scored exactly for every expert. A labels query is
+    answered by the threshold algorithm (``Shard.labels_top``), falling back to a scan of its
+    posting lists when fewer rows than ``top`` score above zero."""
     wsum = float(sum(weights)) or 1.0
     out: list[Candidate] = []
     single_dense = len(experts) == 1
@@ -298,7 +364,17 @@ def search_shards(
                 raise QueryRejected(f"query expert {e!r} is not in the index (has {sorted(shard.experts)})")
             if q.size != int(spec["dim"]):
                 raise QueryRejected(f"query vector for {e!r} has dimension {q.size}, index has {spec['dim']}")
-        if single_dense and shard.experts[experts[0]]["kind"] == "dense" and shard.has_ann(experts[0]):
+        found = None
+        if single_dense and shard.experts[experts[0]]["kind"] == "top":
+            scored = [c.score for c in out]
+            scale = weights[0] / wsum or 1.0
+            floor = float(np.partition(scored, len(scored) - top)[len(scored) - top]) / scale \
+                if len(scored) >= top else -1.0
+            found = shard.labels_top(experts[0], vectors[0], top, mask, floor)
+        if found is not None:
+            rows, scores = found
+            scores = scores * (weights[0] / wsum)
+        elif single_dense and shard.experts[experts[0]]["kind"] == "dense" and shard.has_ann(experts[0]):
             cand = shard.ann_candidates(experts[0], vectors[0], top * ANN_CANDIDATES, mask, nprobe)
             cand = np.sort(cand)
             scores = shard.dense_scores(experts[0], vectors[0], cand) * (weights[0] / wsum)
