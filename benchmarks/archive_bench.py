@@ -2,9 +2,9 @@
 
 Window vectors are synthetic but drawn from real ones: the fixture recordings are embedded once
 with the BirdNET bundle (class probabilities and the 1,024-d embedding per 3 s window, 1 s hop),
-then each synthetic window copies a random real window and perturbs it (labels: probabilities
-times log-normal noise, 10% of a window's top-64 labels swapped for labels drawn by their
-popularity in the real windows; embeddings: Gaussian noise, re-normalised). Recordings are one
+then each synthetic window copies a random real window and perturbs it (labels: 10% of a
+window's top-64 labels swapped for labels drawn by their
+popularity in the real windows; noise N(0, 0.5) added to the logit); embeddings: Gaussian noise, re-normalised). Recordings are one
 minute long (60 windows), dated one after another, on 10 sites.
 
 Measured per size: index size on disk, build time, search latency p50/p95 over text queries
@@ -91,7 +91,10 @@ class Synth:
     def labels(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         r = self.rng.integers(0, len(self.top_idx), n)
         idx = self.top_idx[r].copy()
-        p = np.clip(self.top_p[r] * np.exp(self.rng.normal(0, 0.3, p_shape := idx.shape)), 0, 1)
+        # noise in logit space (as a model's own variation): no probability is pushed to 1 by clipping
+        p0 = np.clip(self.top_p[r], 1e-6, 1 - 1e-4)
+        logit = np.log(p0 / (1 - p0)) + self.rng.normal(0, 0.5, p_shape := idx.shape)
+        p = 1.0 / (1.0 + np.exp(-logit))
         swap = self.rng.random(p_shape) < 0.1
         idx[swap] = self.rng.choice(len(self.pop), size=int(swap.sum()), p=self.pop).astype(np.uint16)
         # a swapped-in label may repeat one the window has: keep it (scores stay exact for what is stored)

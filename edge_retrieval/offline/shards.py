@@ -38,7 +38,8 @@ SHARD_FORMAT = 1
 SHARD_WINDOWS = 1_000_000  # a writer starts a new shard past this many windows (~12 days at a 1 s hop)
 ANN_MIN_WINDOWS = 50_000  # dense shards smaller than this are scanned exactly (fast enough, no training)
 ANN_CANDIDATES = 20  # re-ranked candidates per wanted hit (top 10 -> 200 exact dot products per shard)
-TA_DEPTH = 256  # first depth read from each posting list by the threshold algorithm
+TA_DEPTH = 256  # first entries read from a posting list by the threshold algorithm (then 4x per read)
+TA_FOCUS = 0.1  # a round reads the lists whose share of the bound is >= this x the largest one
 TIE_LIMIT = 4  # a shard returns windows tied with its k-th best, up to this many times k
 _CHUNK = 65_536  # rows per float16 -> float32 block in exact dense scans (bounds temporary memory)
 
@@ -209,6 +210,7 @@ class Shard:
         self.file = self._load("file.npy")
         self.offset = self._load("offset.npy")
         self._ann: dict[str, object] = {}
+        self._arrays: dict[str, np.ndarray] = {}
 
     def _load(self, name: str) -> np.ndarray:
         try:
@@ -242,43 +244,38 @@ class Shard:
     def labels_top(self, expert: str, q: np.ndarray, top: int, mask: np.ndarray | None,
                    floor: float) -> tuple[np.ndarray, np.ndarray] | None:
         """Exact best rows of a labels query without touching most windows: Fagin's threshold
-        algorithm over the impact-ordered posting lists. Reads the lists of the query's labels to a
-        depth, scores every row met exactly (row-major top-k), and stops when the k-th best score
-        (or ``floor``, the k-th best of shards already searched) beats the most an unread row can
-        score: sum_k w_k x (the next probability in list k). Depth grows 4x per round.
+        algorithm over the impact-ordered posting lists. The most an unread row can score is
+        sum_k w_k x (the next probability in list k); each round reads further into the lists
+        that weigh most in that bound (each list's step grows 4x), scores every row met exactly
+        from the row-major top-k, and stops when the k-th best (or ``floor``, the k-th best of the
+        shards already searched) beats the bound. A text query puts most of its weight on a few
+        labels, so most lists are never read.
         Returns (rows, exact scores) holding every row that can be in the top ``top``; None when
         the lists run out first (fewer rows with a positive score than ``top``: scan instead)."""
-        indptr = self._load(f"{expert}.indptr.npy")
         cols = np.flatnonzero(q)
         if cols.size == 0:
             return None
-        rows_all, data_all = self._load(f"{expert}.rows.npy"), self._load(f"{expert}.data.npy")
-        tidx, tp = self._load(f"{expert}.top_idx.npy"), self._load(f"{expert}.top_p.npy")
+        indptr = self._array(f"{expert}.indptr.npy")
+        rows_all, data_all = self._array(f"{expert}.rows.npy"), self._array(f"{expert}.data.npy")
+        tidx, tp = self._array(f"{expert}.top_idx.npy"), self._array(f"{expert}.top_p.npy")
         w = q[cols].astype(np.float32)
         qf = q.astype(np.float32)
         starts = indptr[cols]
         lens = indptr[cols + 1] - starts
+        done = np.zeros(cols.size, np.int64)  # entries read per list
+        step = np.full(cols.size, TA_DEPTH, np.int64)
         seen = np.zeros(self.n, bool)
         got_rows: list[np.ndarray] = []
         got_scores: list[np.ndarray] = []
-        prev, depth = 0, TA_DEPTH
+        n_got = 0
         while True:
-            parts = [rows_all[s + prev:s + min(depth, n)] for s, n in zip(starts, lens, strict=True) if n > prev]
-            new = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int32)
-            new = new[~seen[new]]
-            seen[new] = True
-            if mask is not None:
-                new = new[mask[new]]
-            if new.size:
-                got_rows.append(new)
-                got_scores.append((tp[new].astype(np.float32) * qf[tidx[new]]).sum(axis=1))
-            more = depth < lens
-            if not more.any():
-                break  # every list read: all rows with a positive score are scored
+            more = done < lens
             nxt = np.zeros(cols.size, np.float32)
-            nxt[more] = data_all[(starts + depth)[more]].astype(np.float32)
-            bound = float((w * nxt).sum())
-            n_got = sum(a.size for a in got_scores)
+            nxt[more] = data_all[(starts + done)[more]].astype(np.float32)
+            impact = w * nxt
+            bound = float(impact.sum())
+            if bound <= 0.0:
+                break  # every list read: all rows with a positive score are scored
             if n_got >= top:
                 allsc = np.concatenate(got_scores)
                 kth = float(np.partition(allsc, n_got - top)[n_got - top])
@@ -286,13 +283,35 @@ class Shard:
                     break
             elif floor > bound:
                 break
-            prev, depth = depth, depth * 4
-        n_got = sum(a.size for a in got_scores)
+            pick = np.flatnonzero(impact >= TA_FOCUS * impact.max())
+            parts = []
+            for i in pick:
+                s0 = starts[i] + done[i]
+                parts.append(rows_all[s0:s0 + min(step[i], lens[i] - done[i])])
+                done[i] = min(lens[i], done[i] + step[i])
+                step[i] *= 4
+            new = np.unique(np.concatenate(parts))
+            new = new[~seen[new]]
+            seen[new] = True
+            if mask is not None:
+                new = new[mask[new]]
+            if new.size:
+                got_rows.append(new)
+                got_scores.append((tp[new].astype(np.float32) * qf[tidx[new]]).sum(axis=1))
+                n_got += new.size
         if n_got < top and not (floor > 0):
             return None
         if not got_rows:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         return np.concatenate(got_rows).astype(np.int64), np.concatenate(got_scores)
+
+    def _array(self, name: str) -> np.ndarray:
+        """A column as a plain ndarray over the memory map, opened once per shard (slicing an
+        ndarray skips np.memmap's per-slice Python overhead)."""
+        a = self._arrays.get(name)
+        if a is None:
+            a = self._arrays[name] = np.asarray(self._load(name))
+        return a
 
     def dense_scores(self, expert: str, q: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """Exact inner products with float16 rows (all rows, or ``rows``), in bounded blocks."""
