@@ -183,6 +183,7 @@ def bench_size(n: int, bundle_dir: Path, real: dict[str, np.ndarray], work: Path
     synth = Synth(real, k=int(expert_storage(m)[spec.name]["k"]))
     with ArchiveIndex(d, create=True) as index:
         index.bind(bundle)
+        (work / f"v1-{n}.sqlite").unlink(missing_ok=True)  # a leftover of an interrupted run
         v1 = V1Index(work / f"v1-{n}.sqlite") if n <= v1_max else None
         if v1 is not None:
             with v1.db:
@@ -294,6 +295,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["sizes"].append(bench_size(n, args.archive_bundle, real, args.work, n <= args.dense_max,
                                            args.v1_max, args.rounds, say))
         print(render(results), file=sys.stderr)
+        if getattr(args, "json", None):  # after every size: a long run keeps what it measured
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
     results["board"]["load_average_end"] = load_average()
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return results

@@ -138,7 +138,7 @@ class ServerProcs:
         """Until every server printed its start line (connected and subscribed soon after)."""
         end = time.monotonic() + timeout_s
         for cid in self.procs:
-            while "edge-retrieval server:" not in (self.dir / f"{cid}.log").read_text(errors="replace"):
+            while ", database " not in (self.dir / f"{cid}.log").read_text(errors="replace"):  # the start line
                 if time.monotonic() > end or self.procs[cid].poll() is not None:
                     raise RuntimeError(f"server {cid} did not start: {(self.dir / f'{cid}.log').read_text()}")
                 time.sleep(0.1)

@@ -55,3 +55,26 @@ def test_two_servers_share_the_fleet_and_a_killed_one_loses_nothing(broker, post
     assert "new detections" in line
     survivor = int(line.split("(")[1].split()[0])
     assert 0 < survivor < r["published"], line
+
+
+def test_servers_starting_together_create_the_schema_once(postgres_url: str) -> None:
+    """CREATE TABLE IF NOT EXISTS races in PostgreSQL; the store serialises it with an advisory lock."""
+    import threading
+
+    errors: list[BaseException] = []
+    stores: list[PgServerStore] = []
+
+    def open_one() -> None:
+        try:
+            stores.append(PgServerStore(postgres_url))
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(stores) == 6
+    for s in stores:
+        s.close()

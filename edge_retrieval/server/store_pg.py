@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS notices (
 );
 """
 _PLACEHOLDER = re.compile(r"\?")
+_SCHEMA_LOCK = 0x6564676552  # advisory lock key held while creating the schema
 DEFAULT_CLIPS_PARENT = Path("~/.local/state/edge-retrieval")
 
 
@@ -75,7 +76,10 @@ class PgServerStore(ServerStore):
                 # server process dying; only a database host crash may lose the last ~0.6 s
                 # (3 x wal_writer_delay). Waiting for every fsync capped a server at ~170 events/s.
                 self._db.execute("SET synchronous_commit = off")
-                self._db.execute(_SCHEMA)
+                # CREATE TABLE IF NOT EXISTS races when two servers start together: one at a time
+                with self._db.transaction():
+                    self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                    self._db.execute(_SCHEMA)
         except psycopg.Error as exc:
             raise StoreError(f"cannot open server database {redact(url)}: {exc}") from exc
 
