@@ -95,9 +95,13 @@ class Synth:
         p0 = np.clip(self.top_p[r], 1e-6, 1 - 1e-4)
         logit = np.log(p0 / (1 - p0)) + self.rng.normal(0, 0.5, p_shape := idx.shape)
         p = 1.0 / (1.0 + np.exp(-logit))
+        orig = idx.copy()
         swap = self.rng.random(p_shape) < 0.1
         idx[swap] = self.rng.choice(len(self.pop), size=int(swap.sum()), p=self.pop).astype(np.uint16)
-        # a swapped-in label may repeat one the window has: keep it (scores stay exact for what is stored)
+        # a window lists each label once (a top-k does): a row whose swap repeated a label keeps its own
+        srt = np.sort(idx, axis=1)
+        dup = (srt[:, 1:] == srt[:, :-1]).any(axis=1)
+        idx[dup] = orig[dup]
         return idx, p.astype(np.float16)
 
     def dense(self, n: int, noise: float = 0.02) -> np.ndarray:

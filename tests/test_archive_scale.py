@@ -174,3 +174,13 @@ def test_threshold_algorithm_equals_a_full_scan_over_several_shards(tmp_path: Pa
         full.sort(key=lambda t: (-t[0], t[1], t[2]))
         assert [(c.shard, c.row) for c in got] == [(si, r) for _, si, r in full[:10]]
         assert np.allclose([c.score for c in got], [sc for sc, _, _ in full[:10]], atol=1e-5)
+
+
+def test_a_window_listing_a_label_twice_is_refused(tmp_path: Path) -> None:
+    """The threshold algorithm's bound counts each label once per window; a top-k never repeats one."""
+    idx = np.tile(np.arange(64, dtype=np.uint16), (3, 1))
+    idx[1, 5] = idx[1, 9]
+    b = ShardBuilder({"lab": {"kind": "top", "dim": DIM, "k": 64}})
+    with pytest.raises(StoreError, match="twice"):
+        b.add_windows(ShardFile("/x.wav", 1, 1, 3.0, 8000, None, None, None, 3), np.arange(3.0),
+                      top={"lab": (idx, np.full((3, 64), 0.5, np.float16))}, dense={})

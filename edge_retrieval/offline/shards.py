@@ -97,6 +97,9 @@ class ShardBuilder:
         probabilities float16 [n, k]), dense experts as float16 [n, dim] (migration, benchmarks)."""
         n = int(offsets_s.size)
         for name, (idx, p) in top.items():
+            srt = np.sort(np.asarray(idx), axis=1)
+            if (srt[:, 1:] == srt[:, :-1]).any():  # the threshold algorithm's bound counts a label once
+                raise StoreError(f"{f.path!r}: a window of expert {name!r} lists a label twice in its top-k")
             self._vec.setdefault(name, []).append((np.asarray(idx, np.uint16), np.asarray(p, np.float16)))
         for name, v in dense.items():
             self._vec.setdefault(name, []).append((np.asarray(v, np.float16), None))
