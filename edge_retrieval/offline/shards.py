@@ -256,8 +256,8 @@ class Shard:
         Returns (rows, exact scores) holding every row that can be in the top ``top``; None when
         the lists run out first (fewer rows with a positive score than ``top``: scan instead)."""
         cols = np.flatnonzero(q)
-        if cols.size == 0:
-            return None
+        if cols.size == 0 or (q[cols] < 0).any():
+            return None  # the bound needs non-negative weights (labels queries are a softmax)
         indptr = self._array(f"{expert}.indptr.npy")
         rows_all, data_all = self._array(f"{expert}.rows.npy"), self._array(f"{expert}.data.npy")
         tidx, tp = self._array(f"{expert}.top_idx.npy"), self._array(f"{expert}.top_p.npy")
