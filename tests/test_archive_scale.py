@@ -184,3 +184,55 @@ def test_a_window_listing_a_label_twice_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="twice"):
         b.add_windows(ShardFile("/x.wav", 1, 1, 3.0, 8000, None, None, None, 3), np.arange(3.0),
                       top={"lab": (idx, np.full((3, 64), 0.5, np.float16))}, dense={})
+
+
+def test_window_scores_and_cosine_search_over_shards_equal_a_numpy_reference(tmp_path: Path) -> None:
+    """Temporal search and search by example read every window of the selected files from the
+    shards: same files, window order, date mask and scores as numpy over each window's top-64."""
+    rng = np.random.default_rng(7)
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    v1 = V1Index(idx / "index.sqlite")
+    with v1.db:
+        for k, v in {"space_id": SPACE, "bundle_name": "random", "hop_s": "1.0",
+                     "experts": json.dumps({"lab": {"kind": "top", "dim": DIM, "window_s": 3.0}})}.items():
+            v1.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (k, v))
+    ref: dict[str, tuple[np.ndarray, float | None, str]] = {}
+    for i in range(30):
+        n = int(rng.integers(3, 20))
+        v = np.zeros((n, DIM), np.float32)
+        for r in range(n):
+            v[r, rng.choice(DIM, size=80, replace=False)] = rng.random(80)
+        top = np.argsort(-v, axis=1, kind="stable")[:, :64]
+        kept = np.zeros_like(v)
+        np.put_along_axis(kept, top, np.take_along_axis(v, top, axis=1).astype(np.float16).astype(np.float32), axis=1)
+        path, start, site = f"/rec/{i:03d}.wav", (1.7e9 + i * 60.0 if i % 4 else None), "ab"[i % 2]
+        ref[path] = (kept, start, site)
+        v1.add_packed(path, float(n), start, site, np.arange(n, dtype=np.float64), {"lab": _pack(v, labels=True)})
+    v1.close()
+    queries = [_query(rng), _query(rng, nnz=5)]
+    since, until = 1.7e9 + 5 * 60.0 + 2, 1.7e9 + 20 * 60.0
+    with ArchiveIndex(idx, migrate=True) as index:
+        for cosine in (False, True):
+            for filt in ({}, {"site": "b"}, {"since": since, "until": until}):
+                got = list(index.window_scores(queries, cosine=cosine, **filt))
+                want = [p for p, (_, start, site) in ref.items()
+                        if filt.get("site", site) == site and ("since" not in filt or (
+                            start is not None and start + 20 >= since and start < until))]
+                assert sorted(fs.path for fs in got) == sorted(want)
+                for fs in got:
+                    kept, start, _ = ref[fs.path]
+                    assert np.array_equal(fs.offsets, np.arange(kept.shape[0], dtype=np.float64))
+                    for j, q in enumerate(queries):
+                        s = kept @ q.vectors[0]
+                        if cosine:
+                            s = s / (np.linalg.norm(kept, axis=1) * np.linalg.norm(q.vectors[0]))
+                        assert np.allclose(fs.scores[:, j], s, atol=1e-4)
+                    if "since" in filt:
+                        t = start + fs.offsets
+                        assert np.array_equal(fs.keep, (t >= since) & (t < until))
+            hits = index.search(queries[0], top=5, cosine=True)
+            every = sorted(((float(fs.scores[i, 0]), fs.path, float(fs.offsets[i]))
+                            for fs in index.window_scores(queries[:1], cosine=True) for i in range(fs.offsets.size)),
+                           key=lambda t: (-t[0], t[1], t[2]))
+            assert [(h.path, h.offset_s) for h in hits] == [(p, o) for _, p, o in every[:5]]

@@ -78,3 +78,66 @@ def test_servers_starting_together_create_the_schema_once(postgres_url: str) -> 
     assert not errors and len(stores) == 6
     for s in stores:
         s.close()
+
+
+def _dev_event(device: str, eid: str, score: float) -> Event:
+    return Event(event_id=eid, device=device, query_id="q", query="chainsaw", score=score, start_s=0.0,
+                 end_s=1.0, time=utcnow(), source="test", final=False)
+
+
+def test_postgres_store_keys_by_device_and_serves_what_fleet_and_console_call(postgres_url: str,
+                                                                              tmp_path: Path) -> None:
+    """Every ServerStore method the fleet, alerts and console call runs on PostgreSQL with the SQLite
+    store's results: one device cannot touch another's detection or clip by reusing its event id."""
+    from edge_retrieval.server import ServerStore
+
+    pg, lite = open_store(postgres_url), ServerStore(tmp_path / "s.sqlite")
+    eid = new_event_id()
+    for store in (pg, lite):
+        assert store.upsert_event(_dev_event("dev-a", eid, 0.7)) is True
+        assert store.upsert_event(_dev_event("dev-b", eid, 0.4)) is True  # same id, other device: its own row
+        assert store.has_detection("dev-a", eid) and not store.has_detection("dev-c", eid)
+        store.save_clip(eid, "dev-b", tmp_path / "b.flac", 10)
+        assert sorted(store.detection_devices()) == ["dev-a", "dev-b"]
+    for store in (pg, lite):
+        a, b = store.detection("dev-a", eid), store.detection("dev-b", eid)
+        assert a is not None and b is not None and a["score"] == 0.7 and b["score"] == 0.4
+        assert a["clip_path"] is None and b["clip_path"] == str(tmp_path / "b.flac")
+        changed = store.changed_detections(device="dev-b")
+        assert [r["device"] for r in changed] == ["dev-b"] and changed[0]["changed"] >= changed[0]["updated"]
+        assert store.prune_clips("dev-b", max_bytes=5, max_age_days=90) == [tmp_path / "b.flac"]
+        assert store.detection("dev-b", eid)["clip_path"] is None
+    assert [{k: v for k, v in r.items() if k not in ("received", "updated", "time")} for r in pg.detections()] == \
+        [{k: v for k, v in r.items() if k not in ("received", "updated", "time")} for r in lite.detections()]
+    pg.close()
+    lite.close()
+
+
+def test_postgres_tables_keyed_by_event_id_alone_are_rekeyed(postgres_url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(postgres_url, autocommit=True) as con:
+        con.execute("CREATE TABLE detections (event_id TEXT PRIMARY KEY, device TEXT NOT NULL, query_id TEXT NOT NULL, "
+                    "query TEXT NOT NULL, score DOUBLE PRECISION NOT NULL, start_s DOUBLE PRECISION NOT NULL, "
+                    "end_s DOUBLE PRECISION NOT NULL, time TEXT NOT NULL, clock TEXT NOT NULL, source TEXT NOT NULL, "
+                    "final INTEGER NOT NULL, clip TEXT, site TEXT, lat DOUBLE PRECISION, lon DOUBLE PRECISION, "
+                    "received TEXT NOT NULL, updated TEXT NOT NULL, messages INTEGER NOT NULL)")
+        con.execute("INSERT INTO detections VALUES ('e1','dev-a','q','x',0.5,0,1,'t','unknown','s',0,NULL,NULL,NULL,"
+                    "NULL,'r','u',1)")
+    store = open_store(postgres_url)
+    assert store.upsert_event(_dev_event("dev-b", "e1", 0.3)) is True  # no longer collides with dev-a's e1
+    assert sorted(r["device"] for r in store.detections()) == ["dev-a", "dev-b"]
+    store.close()
+
+
+def test_readers_do_not_create_a_postgres_store_and_the_console_needs_sqlite(postgres_url: str,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from edge_retrieval.cli import main as cli_main
+
+    with pytest.raises(StoreError, match="no server tables"):
+        open_store(postgres_url, create=False)
+    assert cli_main(["detections", "--db", postgres_url]) != 0
+    rc = cli_main(["server", "--db", postgres_url, "--broker", "mqtt://127.0.0.1:1", "--http", "127.0.0.1:0"])
+    assert rc != 0 and "--http (the console) needs a SQLite --db" in capsys.readouterr().err
+    open_store(postgres_url).close()  # the server creates the tables; now a reader opens them
+    assert cli_main(["detections", "--db", postgres_url]) == 0
