@@ -139,5 +139,7 @@ def test_readers_do_not_create_a_postgres_store_and_the_console_needs_sqlite(pos
     assert cli_main(["detections", "--db", postgres_url]) != 0
     rc = cli_main(["server", "--db", postgres_url, "--broker", "mqtt://127.0.0.1:1", "--http", "127.0.0.1:0"])
     assert rc != 0 and "--http (the console) needs a SQLite --db" in capsys.readouterr().err
+    assert cli_main(["users", "list", "--db", postgres_url]) != 0
+    assert "PostgreSQL does not hold them yet" in capsys.readouterr().err
     open_store(postgres_url).close()  # the server creates the tables; now a reader opens them
     assert cli_main(["detections", "--db", postgres_url]) == 0
