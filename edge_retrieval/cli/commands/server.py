@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import threading
 from pathlib import Path
@@ -138,7 +139,9 @@ def main(args: argparse.Namespace) -> int:
     clips_dir = Path(args.clips_dir).expanduser() if args.clips_dir else store.path.parent / "clips"
     queue = args.webhook_queue
     if queue is None:
-        queue = (clips_dir.parent / f"{args.client_id}.webhook" if postgres
+        # one queue per server process (several may share the PostgreSQL store and the clips folder)
+        safe_id = re.sub(r"[^A-Za-z0-9_.-]", "_", args.client_id)
+        queue = (clips_dir.parent / f"{safe_id}.webhook" if postgres
                  else store.path.with_name(store.path.name + ".webhook"))
     webhook = Webhook(args.webhook, queue) if args.webhook else None
     if args.ha_off_delay_s <= 0:
