@@ -43,6 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts", type=Path, nargs="+", default=None, metavar="BUNDLE",
                    help="CPU per hop of whole bundles interleaved (first = reference, at the first --threads) "
                         "and each daemon's peak RSS, e.g. a BirdNET-only, a YAMNet-only and the default bundle")
+    p.add_argument("--archive", action="store_true",
+                   help="archive search at 1e5..1e7 windows: shards vs the v1 SQLite scan (archive_bench; by hand)")
+    p.add_argument("--server", action="store_true",
+                   help="fleet server events/s and latency, 1 or 2 processes, SQLite/PostgreSQL (server_bench)")
     p.add_argument("--threads", type=_int_list, default=[1, 2, 4], help="thread counts (default 1,2,4)")
     p.add_argument("--repeats", type=int, default=30, help="measured rounds per variant (default 30)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up rounds per variant (default 3)")
@@ -57,6 +61,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--board", default=None, metavar="NAME", help="board name for the results (e.g. raspberry-pi-4)")
     p.add_argument("--note", default=None, help="free text stored with the board (e.g. 'shared, noisy')")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_part_arguments(p)
+
+
+def _add_part_arguments(p: argparse.ArgumentParser) -> None:
+    from . import archive_bench, server_bench
+
+    archive_bench.add_arguments(p)
+    server_bench.add_arguments(p)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -85,6 +97,16 @@ def _sounds(args: argparse.Namespace) -> Path | None:
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Run the selected parts; the results object that ``--json`` writes."""
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
+    if args.archive or args.server:  # long, by hand: only the parts asked for
+        from . import archive_bench, server_bench
+
+        out: dict[str, Any] = {}
+        if args.archive:
+            args.sounds = _sounds(args)
+            out["archive"] = archive_bench.run(args)
+        if args.server:
+            out["server"] = server_bench.run(args)
+        return out
     everything = not (args.encoders or args.daemon or args.matcher or args.experts)
     name = args.board or "unnamed"
     results: dict[str, Any] = {
@@ -138,6 +160,16 @@ def main(args: argparse.Namespace) -> int:
 
     _check(args)
     results = run_bench(args)
+    if args.archive or args.server:
+        from . import archive_bench, server_bench
+
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        for key, mod in (("archive", archive_bench), ("server", server_bench)):
+            if key in results:
+                print(mod.render(results[key]))
+        return 0
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")

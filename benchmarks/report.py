@@ -306,7 +306,8 @@ def plot(res: dict[str, Any], out_dir: Path) -> list[Path]:
 
 def is_bench_results(data: Any) -> bool:
     """A results file of ``edge-retrieval bench`` (other programs share benchmarks/results/)."""
-    return isinstance(data, dict) and isinstance(data.get("board"), dict) and "schema" in data
+    return (isinstance(data, dict) and isinstance(data.get("board"), dict) and "schema" in data
+            and "part" not in data)  # archive_bench / server_bench results are summarised by hand
 
 
 def load_results(paths: Sequence[Path]) -> list[dict[str, Any]]:

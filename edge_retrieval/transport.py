@@ -104,7 +104,11 @@ class MqttTransport:
         max_queued: int = 0,
         manual_ack: bool = False,
         retry_s: float = 5.0,
+        mqtt_v5: bool = False,
+        session_expiry_s: int = 86_400,
     ) -> None:
+        """``mqtt_v5`` speaks MQTT 5 (needed for ``$share/GROUP/...`` shared subscriptions); a
+        persistent v5 session outlives a disconnect by ``session_expiry_s`` seconds."""
         self.address = parse_broker_url(url)
         if tls is not None and not self.address.tls:
             raise ConfigError(f"TLS files are set but the URL {url!r} is mqtt:// (expected mqtts://)")
@@ -129,14 +133,21 @@ class MqttTransport:
         self._retry_wake = threading.Event()
         self.deferred_total = 0  # messages whose ack waited for a retry
 
-        c = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            clean_session=clean_session,
-            protocol=mqtt.MQTTv311,
-            reconnect_on_failure=True,
-            manual_ack=manual_ack,
-        )
+        self._v5 = mqtt_v5
+        self._clean = clean_session
+        self._session_expiry_s = int(session_expiry_s)
+        if mqtt_v5:
+            c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+                            reconnect_on_failure=True, manual_ack=manual_ack)
+        else:
+            c = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=client_id,
+                clean_session=clean_session,
+                protocol=mqtt.MQTTv311,
+                reconnect_on_failure=True,
+                manual_ack=manual_ack,
+            )
         c.reconnect_delay_set(min_backoff_s, max_backoff_s)
         c.max_queued_messages_set(max_queued)
         c.max_inflight_messages_set(100)
@@ -183,7 +194,16 @@ class MqttTransport:
         self._started = True
         self.state = "connecting"
         try:
-            self._client.connect_async(self.address.host, self.address.port, keepalive=self._keepalive)
+            if self._v5:
+                from paho.mqtt.packettypes import PacketTypes
+                from paho.mqtt.properties import Properties
+
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = 0 if self._clean else self._session_expiry_s
+                self._client.connect_async(self.address.host, self.address.port, keepalive=self._keepalive,
+                                           clean_start=self._clean, properties=props)
+            else:
+                self._client.connect_async(self.address.host, self.address.port, keepalive=self._keepalive)
         except (OSError, ValueError) as exc:
             raise TransportError(f"cannot connect to {self.address.url}: {exc}") from exc
         self._client.loop_start()
@@ -345,7 +365,7 @@ class MqttTransport:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
-            handlers = [h for t, (_, h) in self._subs.items() if mqtt.topic_matches_sub(t, msg.topic)]
+            handlers = [h for t, (_, h) in self._subs.items() if mqtt.topic_matches_sub(_unshared(t), msg.topic)]
             link = self._link
         failed = self._run_handlers(handlers, msg.topic, bytes(msg.payload), bool(msg.retain))
         if not self.manual_ack or msg.qos == 0:
@@ -393,6 +413,14 @@ class MqttTransport:
         """Messages received but not yet stored, so not acknowledged (manual acks)."""
         with self._lock:
             return len(self._deferred)
+
+
+def _unshared(sub: str) -> str:
+    """``$share/GROUP/a/+/b`` -> ``a/+/b``: the filter a shared subscription's messages match."""
+    if sub.startswith("$share/"):
+        parts = sub.split("/", 2)
+        return parts[2] if len(parts) == 3 else sub
+    return sub
 
 
 def wait_until(pred: Callable[[], bool], timeout_s: float, step_s: float = 0.05) -> bool:

@@ -17,6 +17,7 @@ pytest_plugins = [
         "tests.fixtures_audio",
         "tests.fixtures_broker",
         "tests.fixtures_clap",
+        "tests.fixtures_postgres",
     )
     if importlib.util.find_spec(name) is not None
 ]

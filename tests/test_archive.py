@@ -17,12 +17,11 @@ from edge_retrieval.cli import main as cli
 from edge_retrieval.errors import ConfigError, QueryRejected
 from edge_retrieval.offline.archive import (
     ArchiveIndex,
-    _pack,
-    _unpack,
     index_folder,
     parse_when,
     recording_meta,
 )
+from edge_retrieval.offline.archive_v1 import _pack, _unpack
 from edge_retrieval.offline.retrieval import TOP_LABELS
 from tests.retrieval_bundle import RATE, band_query, make_bundle, tone
 
@@ -111,8 +110,10 @@ def test_reindex_embeds_only_new_or_changed_files_and_forgets_deleted(tmp_path: 
         r = index_folder(root, b, index)
         assert r.pruned == 1
         assert index.stats()["files"] == 4
-        n = sqlite3.connect(index.path).execute("SELECT COUNT(*) FROM windows").fetchone()[0]
-        assert n == 1 + 2 + 3 + 3  # a (1 s), new (2 s), b and d (3 s)
+        assert index.stats()["windows"] == 1 + 2 + 3 + 3  # a (1 s), new (2 s), b and d (3 s)
+        # shards whose every file was replaced or deleted are gone from disk
+        live = {n for (n,) in sqlite3.connect(index.path).execute("SELECT DISTINCT shard FROM files")}
+        assert {p.name for p in index.shards_dir.iterdir()} == live
 
 
 def test_bad_file_is_reported_and_skipped(tmp_path: Path, bundles: dict[str, Bundle], capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,24 +1,25 @@
 """Archive search: an index of window vectors for a folder of recordings, ranked by text queries.
 
-One SQLite file ``index.sqlite`` in the index directory holds:
-  meta(key, value)      schema, space id, bundle name/path, hop, per-expert storage
-  files                 path, size, mtime_ns, duration, rate, start time (UTC epoch; from GUANO,
-                        BWF bext, the AudioMoth comment, or a ``YYYYMMDD_HHMMSS`` file name), site
-  windows(file_id, idx, offset_s)
-  vectors(file_id, expert, kind, dim, k, data, indices)
-      kind "dense": [windows, dim] float16 blob (embedding experts);
-      kind "top":   labels experts keep each window's top 64 probabilities: indices uint16
-                    [windows, 64] + probabilities float16 [windows, 64] (not all 6,522 labels)
-  failures(path, size, mtime_ns, message)   files that could not be read (retried when changed)
+An index directory holds a catalog and the window shards:
+  index.sqlite      meta(key, value)   schema, space id, bundle name/path, hop, per-expert storage
+                    files              path, size, mtime_ns, duration, rate, start time (UTC epoch; from
+                                       GUANO, BWF bext, the AudioMoth comment, or a ``YYYYMMDD_HHMMSS``
+                                       file name), site, and where its windows are: (shard, local)
+                    shards(name)       registered shards
+                    failures(path, size, mtime_ns, message)   unreadable files (retried when changed)
+  shards/<name>/    columnar window vectors (``offline.shards``): labels experts keep each window's
+                    top 64 probabilities as posting lists scored exactly; embedding experts keep
+                    float16 rows and, in large shards, a faiss IVF-PQ for candidates re-ranked exactly
 An index belongs to one space id: indexing or searching with a bundle of another space is refused.
+A version-1 index (windows as SQLite rows) is refused with the command that migrates it.
 """
 
 from __future__ import annotations
 
-import heapq
 import json
 import os
 import re
+import shutil
 import sqlite3
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -30,10 +31,14 @@ import numpy as np
 
 from ..bundle import Bundle, Manifest
 from ..errors import BundleError, ConfigError, EdgeRetrievalError, QueryRejected, StoreError
+from .archive_v1 import V1Index, is_v1, migrate_index
 from .retrieval import AUDIO_SUFFIXES, TOP_LABELS, FileEmbedder, FileVectors, QueryVectors, is_labels_expert
+from .shards import SHARD_WINDOWS, Shard, ShardBuilder, ShardFile, search_shards
 
 INDEX_NAME = "index.sqlite"
-SCHEMA_VERSION = 1
+SHARDS_DIR = "shards"
+INCOMING = ".incoming"  # under SHARDS_DIR: shards written by workers, not yet registered
+SCHEMA_VERSION = 2
 DEFAULT_INDEX_DIR = ".edge-retrieval-index"
 
 _SCHEMA = """
@@ -49,26 +54,12 @@ CREATE TABLE IF NOT EXISTS files (
     time_source TEXT,
     site TEXT,
     n_windows INTEGER NOT NULL,
-    indexed_at TEXT NOT NULL
+    indexed_at TEXT NOT NULL,
+    shard TEXT NOT NULL,
+    local INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS files_start ON files(start_epoch);
-CREATE INDEX IF NOT EXISTS files_site ON files(site);
-CREATE TABLE IF NOT EXISTS windows (
-    file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
-    idx INTEGER NOT NULL,
-    offset_s REAL NOT NULL,
-    PRIMARY KEY (file_id, idx)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS vectors (
-    file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
-    expert TEXT NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('dense', 'top')),
-    dim INTEGER NOT NULL,
-    k INTEGER NOT NULL,
-    data BLOB NOT NULL,
-    indices BLOB,
-    PRIMARY KEY (file_id, expert)
-);
+CREATE INDEX IF NOT EXISTS files_shard ON files(shard);
+CREATE TABLE IF NOT EXISTS shards (name TEXT PRIMARY KEY, windows INTEGER NOT NULL, registered TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS failures (
     path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, message TEXT NOT NULL, at TEXT NOT NULL
 );
@@ -278,11 +269,12 @@ class IndexReport:
 
 
 class ArchiveIndex:
-    """The SQLite index of one archive. Not thread-safe: one writer at a time."""
+    """The catalog and shards of one archive. Not thread-safe: one writer at a time."""
 
-    def __init__(self, directory: str | Path, create: bool = False) -> None:
+    def __init__(self, directory: str | Path, create: bool = False, migrate: bool = False) -> None:
         self.dir = Path(directory)
         self.path = self.dir / INDEX_NAME
+        self.shards_dir = self.dir / SHARDS_DIR
         if not self.path.is_file():
             if not create:
                 inner = self.dir / DEFAULT_INDEX_DIR
@@ -293,9 +285,16 @@ class ArchiveIndex:
                     f"index {str(self.dir)!r} has no {INDEX_NAME}; build it with: edge-retrieval index DIR --bundle B"
                 )
             self.dir.mkdir(parents=True, exist_ok=True)
+        v1_path = None
+        if is_v1(self.path):
+            if not migrate:
+                raise StoreError(
+                    f"index {str(self.dir)!r} is a version-1 index (windows in SQLite rows); migrate it once with: "
+                    f"edge-retrieval index DIR --bundle B --out {self.dir} --migrate"
+                )
+            v1_path = migrate_index(self.dir, INDEX_NAME)
         try:
             self.db = sqlite3.connect(str(self.path))
-            self.db.execute("PRAGMA foreign_keys = ON")
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.executescript(_SCHEMA)
             ver = self.meta("schema")
@@ -306,8 +305,16 @@ class ArchiveIndex:
                 raise StoreError(f"index {str(self.path)!r} has schema {ver!r}; this version reads {SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open index {str(self.path)!r}: {exc}") from exc
+        self.shards_dir.mkdir(exist_ok=True)
+        self._builder: ShardBuilder | None = None
+        self._open: dict[str, Shard] = {}
+        self._tables: dict[str, _FileTable] | None = None
+        self._sweep(leftovers=True)
+        if v1_path is not None:
+            self._migrate_from(v1_path)
 
     def close(self) -> None:
+        self.flush()
         self.db.close()
 
     def __enter__(self) -> ArchiveIndex:
@@ -334,17 +341,13 @@ class ArchiveIndex:
         m = bundle.manifest
         have = self.space_id
         if have is None:
-            experts = {
-                e.name: {"kind": "top" if is_labels_expert(m, e.name) else "dense", "dim": e.dim, "window_s": e.window_s}
-                for e in m.device.experts
-            }
             with self.db:
                 self._set_meta("space_id", m.space.id)
                 self._set_meta("space_kind", m.space.kind)
                 self._set_meta("bundle_name", m.name)
                 self._set_meta("bundle_path", str(bundle.root))
                 self._set_meta("hop_s", repr(m.device.hop_s))
-                self._set_meta("experts", json.dumps(experts))
+                self._set_meta("experts", json.dumps(expert_storage(m)))
                 self._set_meta("created", _now())
             return
         self.check_space(m)
@@ -364,9 +367,12 @@ class ArchiveIndex:
     def bundle_path(self) -> str | None:
         return self.meta("bundle_path")
 
+    def experts(self) -> dict[str, dict[str, object]]:
+        """Per expert: storage kind ("top" or "dense"), dim, k, window_s (set by ``bind``)."""
+        return json.loads(self.meta("experts") or "{}")
+
     def window_s(self) -> float:
-        experts = json.loads(self.meta("experts") or "{}")
-        return max((e["window_s"] for e in experts.values()), default=0.0)
+        return max((float(e["window_s"]) for e in self.experts().values()), default=0.0)
 
     # ----------------------------------------------------------------- writing
 
@@ -382,32 +388,46 @@ class ArchiveIndex:
         return self.db.execute("SELECT 1 FROM files WHERE path = ?", (path,)).fetchone() is not None
 
     def add(self, path: str, size: int, mtime_ns: int, meta: RecordingMeta, fv: FileVectors, manifest: Manifest) -> None:
-        """Store one file's windows (replacing an older version of it) in one transaction."""
+        """Buffer one file's windows; they reach disk (and replace an older version of the file) when
+        the buffer fills a shard, at ``flush`` or at ``close``."""
+        if self._builder is None:
+            self._builder = ShardBuilder(storage_of(self.experts()))
+        self._builder.add(shard_file(path, size, mtime_ns, meta, fv), fv.offsets_s, fv.vectors)
+        if self._builder.n_windows >= SHARD_WINDOWS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered files as one shard and register it."""
+        if self._builder is not None and self._builder.files:
+            self.register(self._builder.write(self.shards_dir))
+        self._builder = None
+
+    def register(self, name: str) -> None:
+        """Make a written shard (``shards/<name>``) searchable: its files replace older versions of the
+        same paths, in one transaction; shards left with no live file are deleted."""
+        if (self.incoming / name).is_dir():
+            os.replace(self.incoming / name, self.shards_dir / name)
+        shard = Shard(self.shards_dir / name)
+        want = storage_of(self.experts())
+        if shard.experts != want:
+            raise StoreError(f"shard {name!r} stores experts {shard.experts}, the index expects {want}")
         try:
             with self.db:
-                self.db.execute("DELETE FROM files WHERE path = ?", (path,))
-                self.db.execute("DELETE FROM failures WHERE path = ?", (path,))
-                cur = self.db.execute(
-                    "INSERT INTO files(path, size, mtime_ns, duration_s, sample_rate, start_epoch, time_source, site,"
-                    " n_windows, indexed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        path, size, mtime_ns, fv.duration_s, fv.sample_rate,
-                        meta.start.timestamp() if meta.start else None, meta.time_source, meta.site,
-                        fv.n_windows, _now(),
-                    ),
-                )
-                fid = cur.lastrowid
-                self.db.executemany(
-                    "INSERT INTO windows(file_id, idx, offset_s) VALUES (?, ?, ?)",
-                    [(fid, i, float(o)) for i, o in enumerate(fv.offsets_s)],
-                )
-                for name, v in fv.vectors.items():
+                for local, f in enumerate(shard.files):
+                    self.db.execute("DELETE FROM files WHERE path = ?", (f.path,))
+                    self.db.execute("DELETE FROM failures WHERE path = ?", (f.path,))
                     self.db.execute(
-                        "INSERT INTO vectors(file_id, expert, kind, dim, k, data, indices) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (fid, name, *_pack(v, is_labels_expert(manifest, name))),
+                        "INSERT INTO files(path, size, mtime_ns, duration_s, sample_rate, start_epoch, time_source,"
+                        " site, n_windows, indexed_at, shard, local) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (f.path, f.size, f.mtime_ns, f.duration_s, f.sample_rate, f.start_epoch, f.time_source,
+                         f.site, f.n_windows, _now(), name, local),
                     )
+                self.db.execute("INSERT INTO shards(name, windows, registered) VALUES (?, ?, ?)",
+                                (name, shard.n, _now()))
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot write {path!r} to index {str(self.path)!r}: {exc}") from exc
+            raise StoreError(f"cannot register shard {name!r} in {str(self.path)!r}: {exc}") from exc
+        self._tables = None
+        self._sweep()
 
     def add_failure(self, path: str, size: int, mtime_ns: int, message: str) -> None:
         with self.db:
@@ -427,7 +447,49 @@ class ArchiveIndex:
             for p in gone:
                 self.db.execute("DELETE FROM files WHERE path = ?", (p,))
                 self.db.execute("DELETE FROM failures WHERE path = ?", (p,))
+        if gone:
+            self._tables = None
+            self._sweep()
         return len(gone)
+
+    def _sweep(self, leftovers: bool = False) -> None:
+        """Delete shards whose files are all gone or replaced; with ``leftovers`` (at open, when no
+        writer runs) also unregistered folders: half-written or unregistered shards of a crashed run."""
+        dead = [n for (n,) in self.db.execute(
+            "SELECT name FROM shards WHERE name NOT IN (SELECT DISTINCT shard FROM files)")]
+        with self.db:
+            for n in dead:
+                self.db.execute("DELETE FROM shards WHERE name = ?", (n,))
+        for n in dead:
+            shutil.rmtree(self.shards_dir / n, ignore_errors=True)
+            self._open.pop(n, None)
+        if leftovers:
+            live = {n for (n,) in self.db.execute("SELECT name FROM shards")}
+            for p in self.shards_dir.iterdir():
+                if p.name not in live:
+                    shutil.rmtree(p, ignore_errors=True)
+
+    @property
+    def incoming(self) -> Path:
+        """Where worker processes write shards before ``register`` moves them in."""
+        return self.shards_dir / INCOMING
+
+    def _migrate_from(self, v1_path: Path) -> None:
+        """Fill this (new) catalog from a version-1 index moved aside: meta, failures, windows."""
+        old = V1Index(v1_path)
+        try:
+            meta = old.copy_meta()
+            with self.db:
+                for k, v in meta.items():
+                    if k != "schema":
+                        self._set_meta(k, v)
+                for row in old.failures():
+                    self.db.execute("INSERT OR REPLACE INTO failures(path, size, mtime_ns, message, at)"
+                                    " VALUES (?, ?, ?, ?, ?)", row)
+            for name in old.migrate(self.shards_dir, storage_of(self.experts())):
+                self.register(name)
+        finally:
+            old.close()
 
     # ----------------------------------------------------------------- reading
 
@@ -435,11 +497,33 @@ class ArchiveIndex:
         files, windows, timed = self.db.execute(
             "SELECT COUNT(*), COALESCE(SUM(n_windows), 0), COUNT(start_epoch) FROM files").fetchone()
         failed = self.db.execute("SELECT COUNT(*) FROM failures").fetchone()[0]
-        return {"files": files, "windows": windows, "failed": failed, "space_id": self.space_id,
-                "bundle": self.meta("bundle_name"), "timed_files": timed}
+        shards = self.db.execute("SELECT COUNT(*) FROM shards").fetchone()[0]
+        return {"files": files, "windows": windows, "failed": failed, "shards": shards,
+                "space_id": self.space_id, "bundle": self.meta("bundle_name"), "timed_files": timed}
 
     def failures(self) -> list[tuple[str, str]]:
         return list(self.db.execute("SELECT path, message FROM failures ORDER BY path"))
+
+    def _file_tables(self) -> dict[str, _FileTable]:
+        """Per registered shard, its live files as arrays (cached until the catalog changes)."""
+        if self._tables is None:
+            tables: dict[str, _FileTable] = {}
+            for (name,) in self.db.execute("SELECT name FROM shards ORDER BY name"):
+                shard = self._open.get(name) or Shard(self.shards_dir / name)
+                self._open[name] = shard
+                nf = len(shard.files)
+                t = _FileTable(shard, np.zeros(nf, bool), np.full(nf, np.nan), np.full(nf, np.nan),
+                               np.full(nf, None, object))
+                for local, start, dur, fsite in self.db.execute(
+                        "SELECT local, start_epoch, duration_s, site FROM files WHERE shard = ?", (name,)):
+                    t.live[local] = True
+                    t.start[local] = np.nan if start is None else start
+                    t.duration[local] = dur
+                    t.site[local] = fsite
+                t.all_live = bool(t.live.all())
+                tables[name] = t
+            self._tables = tables
+        return self._tables
 
     def search(
         self,
@@ -449,24 +533,60 @@ class ArchiveIndex:
         until: float | None = None,
         site: str | None = None,
         cosine: bool = False,
+        nprobe: int = 32,
     ) -> list[Hit]:
         """Best ``top`` windows for one query. Date filters keep windows whose absolute start is in
         [since, until) and so drop files with no known start time; ``site`` matches exactly.
-        ``cosine`` scores labels windows by the cosine of their probabilities with the query
-        (search by example: the nearest sound, not the loudest on the example's labels)."""
+        Ties rank by file path, then offset. ``cosine`` scores labels windows by the cosine of
+        their probabilities with the query (search by example: the nearest sound, not the loudest
+        on the example's labels); it scores every window exactly (no posting-list shortcut)."""
+        self._check_queries([queries])
         wlen = self.window_s()
-        heap: list[tuple[float, int, int, str, float | None, str | None, float]] = []  # min-heap of (score, -fid, -idx, ...)
-        for fs in self.window_scores([queries], since, until, site, cosine):
-            for i in np.flatnonzero(fs.keep):
-                item = (float(fs.scores[i, 0]), -fs.file_id, -int(i), fs.path, fs.start, fs.site, float(fs.offsets[i]))
-                if len(heap) < top:
-                    heapq.heappush(heap, item)
-                elif item > heap[0]:
-                    heapq.heapreplace(heap, item)
-        return [
-            Hit(s, path, off, wlen, iso_utc(start + off) if start is not None else None, fsite)
-            for s, _, _, path, start, fsite, off in sorted(heap, reverse=True)
-        ]
+        if cosine:
+            heap: list[tuple[float, str, float, float | None, str | None]] = []
+            for fs in self.window_scores([queries], since, until, site, cosine=True):
+                sel = np.flatnonzero(fs.keep)
+                if sel.size == 0:
+                    continue
+                sc = fs.scores[sel, 0]
+                if sel.size > top:
+                    part = np.argpartition(-sc, top - 1)[:top]
+                    sel, sc = sel[part], sc[part]
+                heap.extend((float(v), fs.path, float(fs.offsets[i]), fs.start, fs.site)
+                            for v, i in zip(sc, sel, strict=True))
+                heap.sort(key=lambda h: (-h[0], h[1], h[2]))
+                del heap[top:]
+            return [Hit(v, path, off, wlen, iso_utc(start + off) if start is not None else None, fsite)
+                    for v, path, off, start, fsite in heap]
+        self.flush()
+        tables = list(self._file_tables().values())
+        masks = [t.window_mask(since, until, site) for t in tables]
+        cands = search_shards([t.shard for t in tables], masks, queries.experts, queries.vectors, queries.weights,
+                              top, nprobe=nprobe)
+        hits = []
+        for c in cands:
+            shard = tables[c.shard].shard
+            f = shard.files[int(shard.file[c.row])]
+            off = float(shard.offset[c.row])
+            t = iso_utc(f.start_epoch + off) if f.start_epoch is not None else None
+            hits.append(Hit(c.score, f.path, off, wlen, t, f.site))
+        hits.sort(key=lambda h: (-h.score, h.path, h.offset_s))
+        return hits[:top]
+
+    def _check_queries(self, queries: Sequence[QueryVectors]) -> None:
+        """Refuse a query of another space, or naming an expert or a dimension the index lacks."""
+        experts = self.experts()
+        for q in queries:
+            if q.space_id != self.space_id:
+                raise QueryRejected(
+                    f"query space id {q.space_id[:12]}... differs from index space id {str(self.space_id)[:12]}..."
+                )
+            for e, v in zip(q.experts, q.vectors, strict=True):
+                spec = experts.get(e)
+                if spec is None:
+                    raise QueryRejected(f"query expert {e!r} is not in the index (has {sorted(experts)})")
+                if v.size != int(spec["dim"]):  # type: ignore[call-overload]
+                    raise QueryRejected(f"query vector for {e!r} has dimension {v.size}, index has {spec['dim']}")
 
     def window_scores(
         self,
@@ -476,86 +596,119 @@ class ArchiveIndex:
         site: str | None = None,
         cosine: bool = False,
     ) -> Iterator[FileScores]:
-        """Per file (filters as ``search``): every window's score for each query, in window order."""
-        for q in queries:
-            if q.space_id != self.space_id:
-                raise QueryRejected(
-                    f"query space id {q.space_id[:12]}... differs from index space id {str(self.space_id)[:12]}..."
-                )
+        """Per file (filters as ``search``; in catalog order): every window's exact score for each
+        query, in window order. Reads the row-major columns of the selected files only."""
+        self._check_queries(queries)
+        self.flush()
         where, args = [], []
         if since is not None or until is not None:
-            where.append("f.start_epoch IS NOT NULL")
+            where.append("start_epoch IS NOT NULL")
         if since is not None:
-            where.append("f.start_epoch + f.duration_s >= ?")
+            where.append("start_epoch + duration_s >= ?")
             args.append(since)
         if until is not None:
-            where.append("f.start_epoch < ?")
+            where.append("start_epoch < ?")
             args.append(until)
         if site is not None:
-            where.append("f.site = ?")
+            where.append("site = ?")
             args.append(site)
-        sql = (
-            "SELECT f.id, f.path, f.start_epoch, f.site, f.n_windows FROM files f"
-            + (" WHERE " + " AND ".join(where) if where else "")
-            + " ORDER BY f.id"
-        )
-        per_q = [dict(zip(q.experts, zip(q.vectors, q.weights, strict=True), strict=True)) for q in queries]
+        sql = ("SELECT id, path, start_epoch, site, shard, local FROM files"
+               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id")
+        files = list(self.db.execute(sql, args))
         wsums = [sum(q.weights) or 1.0 for q in queries]
-        for fid, path, start, fsite, n in list(self.db.execute(sql, args)):
-            scores = np.zeros((n, len(queries)), np.float64)
-            for expert, kind, dim, k, data, indices in self.db.execute(
-                "SELECT expert, kind, dim, k, data, indices FROM vectors WHERE file_id = ?", (fid,)
-            ):
-                for j, dense_q in enumerate(per_q):
-                    if expert not in dense_q:
-                        continue
-                    q, w = dense_q[expert]
-                    if q.size != dim:
-                        raise QueryRejected(f"query vector for {expert!r} has dimension {q.size}, index has {dim}")
-                    scores[:, j] += (w / wsums[j]) * _score(kind, dim, k, n, data, indices, q, cosine)
-            offsets = np.asarray([o for (o,) in self.db.execute(
-                "SELECT offset_s FROM windows WHERE file_id = ? ORDER BY idx", (fid,))], np.float64)
-            keep = np.ones(n, bool)
-            if start is not None and (since is not None or until is not None):
-                t = start + offsets
-                if since is not None:
-                    keep &= t >= since
-                if until is not None:
-                    keep &= t < until
-            yield FileScores(fid, path, start, fsite, offsets, keep, scores)
+        by_shard: dict[str, list[tuple[int, str, float | None, str | None, int]]] = {}
+        for fid, path, start, fsite, shard_name, local in files:
+            by_shard.setdefault(shard_name, []).append((fid, path, start, fsite, int(local)))
+        tables = self._file_tables()
+        out: dict[int, FileScores] = {}
+        for shard_name, rows_of in by_shard.items():
+            shard = tables[shard_name].shard
+            want = np.zeros(len(shard.files), bool)
+            want[[r[4] for r in rows_of]] = True
+            rows = np.flatnonzero(want[np.asarray(shard.file)])
+            scores = np.zeros((rows.size, len(queries)), np.float64)
+            for j, q in enumerate(queries):
+                for e, v, w in zip(q.experts, q.vectors, q.weights, strict=True):
+                    scores[:, j] += (w / wsums[j]) * shard.rows_scores(e, v, rows, cosine)
+            file_of = np.asarray(shard.file[rows])
+            offsets_all = np.asarray(shard.offset[rows], np.float64)
+            order = np.argsort(file_of, kind="stable")  # window order kept within a file
+            sorted_files = file_of[order]
+            for fid, path, start, fsite, local in rows_of:
+                sel = order[np.searchsorted(sorted_files, local, "left"):np.searchsorted(sorted_files, local, "right")]
+                offsets = offsets_all[sel]
+                keep = np.ones(sel.size, bool)
+                if start is not None and (since is not None or until is not None):
+                    t = start + offsets
+                    if since is not None:
+                        keep &= t >= since
+                    if until is not None:
+                        keep &= t < until
+                out[fid] = FileScores(fid, path, start, fsite, offsets, keep, scores[sel])
+        for fid, *_ in files:
+            yield out[fid]
 
 
-def _pack(v: np.ndarray, labels: bool) -> tuple[str, int, int, bytes, bytes | None]:
-    """Window vectors -> (kind, dim, k, data, indices) for the vectors table."""
-    n, dim = v.shape
-    if labels:
-        k = min(TOP_LABELS, dim)
-        idx = np.argsort(-v, axis=1, kind="stable")[:, :k]
-        probs = np.take_along_axis(v, idx, axis=1)
-        return "top", dim, k, probs.astype("<f2").tobytes(), idx.astype("<u2").tobytes()
-    return "dense", dim, dim, v.astype("<f2").tobytes(), None
+@dataclass
+class _FileTable:
+    """One shard's local files as the catalog sees them now (live, start, duration, site)."""
+
+    shard: Shard
+    live: np.ndarray
+    start: np.ndarray
+    duration: np.ndarray
+    site: np.ndarray
+    all_live: bool = True
+
+    def window_mask(self, since: float | None, until: float | None, site: str | None) -> np.ndarray | None:
+        """Rows to keep (None: all), from the live flag, the site and the window start times."""
+        if self.all_live and since is None and until is None and site is None:
+            return None
+        keep = self.live.copy()
+        if site is not None:
+            keep &= self.site == site
+        if since is not None or until is not None:
+            keep &= ~np.isnan(self.start)
+            if since is not None:
+                keep &= self.start + self.duration >= since
+            if until is not None:
+                keep &= self.start < until
+        rows = keep[self.shard.file]
+        if (since is not None or until is not None) and rows.any():
+            sel = np.flatnonzero(rows)
+            t = self.start[self.shard.file[sel]] + self.shard.offset[sel].astype(np.float64)
+            ok = np.ones(sel.size, bool)
+            if since is not None:
+                ok &= t >= since
+            if until is not None:
+                ok &= t < until
+            rows[sel[~ok]] = False
+        return rows
 
 
-def _unpack(kind: str, dim: int, k: int, n: int, data: bytes, indices: bytes | None) -> np.ndarray:
-    """Back to dense [n, dim] float32 (labels outside the stored top-k are 0)."""
-    if kind == "dense":
-        return np.frombuffer(data, "<f2").reshape(n, dim).astype(np.float32)
-    out = np.zeros((n, dim), np.float32)
-    idx = np.frombuffer(indices or b"", "<u2").reshape(n, k).astype(np.int64)
-    np.put_along_axis(out, idx, np.frombuffer(data, "<f2").reshape(n, k).astype(np.float32), axis=1)
+def expert_storage(m: Manifest) -> dict[str, dict[str, object]]:
+    """How each expert's windows are stored: labels as top-k ("top"), embeddings as rows ("dense")."""
+    out: dict[str, dict[str, object]] = {}
+    for e in m.device.experts:
+        labels = is_labels_expert(m, e.name)
+        out[e.name] = {"kind": "top" if labels else "dense", "dim": e.dim,
+                       "k": min(TOP_LABELS, e.dim) if labels else e.dim, "window_s": e.window_s}
     return out
 
 
-def _score(kind: str, dim: int, k: int, n: int, data: bytes, indices: bytes | None, q: np.ndarray,
-           cosine: bool = False) -> np.ndarray:
-    if kind == "dense":
-        return np.frombuffer(data, "<f2").reshape(n, dim).astype(np.float32) @ q
-    idx = np.frombuffer(indices or b"", "<u2").reshape(n, k)
-    probs = np.frombuffer(data, "<f2").reshape(n, k).astype(np.float32)
-    s = (probs * q[idx]).sum(axis=1)
-    if cosine:
-        s /= np.maximum(np.linalg.norm(probs, axis=1) * np.linalg.norm(q), 1e-12)
-    return s
+def storage_of(experts: dict[str, dict[str, object]]) -> dict[str, dict[str, object]]:
+    """The part of ``expert_storage`` a shard records (kind, dim, k)."""
+    out: dict[str, dict[str, object]] = {}
+    for n, e in experts.items():
+        dim = int(e["dim"])  # type: ignore[call-overload]
+        k = e.get("k", min(TOP_LABELS, dim) if e["kind"] == "top" else dim)  # version-1 meta has no k
+        out[n] = {"kind": e["kind"], "dim": dim, "k": int(k)}  # type: ignore[call-overload]
+    return out
+
+
+def shard_file(path: str, size: int, mtime_ns: int, meta: RecordingMeta, fv: FileVectors) -> ShardFile:
+    return ShardFile(path, size, mtime_ns, fv.duration_s, fv.sample_rate,
+                     meta.start.timestamp() if meta.start else None, meta.time_source, meta.site, fv.n_windows)
 
 
 # --------------------------------------------------------------------------- indexing a folder
@@ -581,11 +734,18 @@ def index_folder(
     site: str | None = None,
     progress: Callable[[Iterable[Path], int], Iterable[Path]] | None = None,
     on_error: Callable[[str, str], None] | None = None,
+    workers: int = 1,
+    cluster: str | None = None,
 ) -> IndexReport:
-    """Embed new or changed recordings under ``root`` into ``index``; a bad file is recorded and skipped."""
+    """Embed new or changed recordings under ``root`` into ``index``; a bad file is recorded and skipped.
+
+    ``workers`` > 1 embeds in that many local processes, ``cluster`` (a Dask scheduler address) on a
+    running Dask cluster; each task writes its own shard (``offline.distributed``)."""
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(f"archive folder {str(root)!r} is not a directory")
+    if workers < 1:
+        raise ConfigError(f"--workers {workers!r} must be >= 1")
     index.bind(bundle)
     report = IndexReport()
     files = list(find_audio(root, skip=[index.dir]))
@@ -605,6 +765,12 @@ def index_folder(
             todo.append((p, st.st_size, st.st_mtime_ns))
     report.pruned = index.prune(str(root.resolve()), seen)
     if not todo:
+        return report
+    if workers > 1 or cluster is not None:
+        from .distributed import index_in_parallel
+
+        index_in_parallel(todo, root, bundle, index, report, threads=threads, site=site, workers=workers,
+                          cluster=cluster, on_error=on_error)
         return report
     embedder = FileEmbedder(bundle, threads=threads)
     it: Iterable[tuple[Path, int, int]] = todo
@@ -627,6 +793,7 @@ def index_folder(
             report.updated += 1
         else:
             report.added += 1
+    index.flush()
     return report
 
 

@@ -78,9 +78,13 @@ class FleetServer:
     def __init__(self, store: ServerStore, transport: MqttTransport, *, webhook: Webhook | None = None,
                  alerts: AlertManager | None = None, space_id: str | None = None,
                  clips_dir: str | Path | None = None, ha: HaDiscovery | None = None,
-                 clip_quota_bytes: int = CLIP_QUOTA_BYTES, clip_retention_days: float = CLIP_RETENTION_DAYS) -> None:
+                 clip_quota_bytes: int = CLIP_QUOTA_BYTES, clip_retention_days: float = CLIP_RETENTION_DAYS,
+                 share_group: str | None = None) -> None:
         """``clips_dir`` defaults to ``clips/`` next to the database; ``ha`` enables HA discovery;
-        each device keeps at most ``clip_quota_bytes`` of clips, none older than ``clip_retention_days``."""
+        each device keeps at most ``clip_quota_bytes`` of clips, none older than ``clip_retention_days``;
+        ``share_group``: several servers split the devices' messages through MQTT 5 shared
+        subscriptions (``$share/GROUP/...``; the transport must speak MQTT 5), each message going to
+        one of them; the store's upserts make a redelivered message harmless."""
         self.store = store
         self.transport = transport
         self.webhook = webhook
@@ -98,9 +102,10 @@ class FleetServer:
         # every message read is counted once: stored (events, status, clips) or refused (bad_*)
         self.counts = {"events": 0, "new_events": 0, "bad_events": 0, "status": 0, "bad_status": 0, "notices": 0,
                        "notices_suppressed": 0, "clips": 0, "bad_clips": 0, "clips_pruned": 0}
-        transport.subscribe(detections_topic("+"), self._on_detection, qos=1)
-        transport.subscribe(status_topic("+"), self._on_status, qos=1)
-        transport.subscribe(clip_topic("+", "+"), self._on_clip, qos=1)
+        share = f"$share/{share_group}/" if share_group else ""
+        transport.subscribe(share + detections_topic("+"), self._on_detection, qos=1)
+        transport.subscribe(share + status_topic("+"), self._on_status, qos=1)
+        transport.subscribe(share + clip_topic("+", "+"), self._on_clip, qos=1)
         if ha is not None:
             transport.subscribe(group_query_topic("+", "+"), ha.on_query, qos=1)
             transport.subscribe(device_query_topic("+", "+"), ha.on_query, qos=1)

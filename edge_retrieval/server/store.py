@@ -190,7 +190,8 @@ class ServerStore:
         What the console lists and streams."""
         cols = ", ".join(f"d.{c}" for c in EVENT_COLUMNS)
         changed = "max(d.updated, coalesce(c.received, ''))"
-        sql = (f"SELECT {cols}, c.path, {changed} FROM detections d LEFT JOIN clips c ON c.event_id = d.event_id "
+        sql = (f"SELECT {cols}, c.path, {changed} FROM detections d LEFT JOIN clips c "
+               f"ON c.device = d.device AND c.event_id = d.event_id "
                f"WHERE {changed} >= ?")
         args: list[Any] = [after]
         for col, val in (("device", device), ("query_id", query_id), ("event_id", event_id)):

@@ -65,10 +65,11 @@ def _expires(text: str | None) -> str | None:
 
 
 def _manager(args: argparse.Namespace, builder=None):  # noqa: ANN001, ANN202
-    from ...server import AlertManager, ServerStore, load_private_key
+    from ...server import AlertManager, load_private_key
+    from ...server.store_pg import open_store
 
     key = load_private_key(args.key) if args.key else None
-    store = ServerStore(args.db)
+    store = open_store(args.db)
     transport = transport_from_args(args, f"edge-retrieval-alerts-{os.getpid()}", clean_session=True)
     transport.start()
     return AlertManager(store, transport, key, builder), store, transport
@@ -138,9 +139,9 @@ def _remove(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from ...server import ServerStore
+    from ...server.store_pg import open_store
 
-    store = ServerStore(args.db, create=False)
+    store = open_store(args.db, create=False)
     try:
         rows = store.alerts(include_deleted=args.all)
     finally:

@@ -1,7 +1,8 @@
 """``edge-retrieval index DIR --bundle B``: embed a folder of recordings for text search.
 
 Incremental: files already indexed at the same size and mtime are skipped, so a re-run only embeds
-new or changed recordings. A file that cannot be read is reported on one line and skipped.
+new or changed recordings (as a new shard). ``--workers N`` embeds in local processes,
+``--cluster ADDRESS`` on a Dask cluster. A file that cannot be read is reported on one line and skipped.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads (default 1)")
     p.add_argument("--site", default=None, help="site name for every file (default: GUANO Site, else first sub-folder)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--workers", type=int, default=1, help="embed in N local processes, one shard each (default 1)")
+    p.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="embed on a running Dask cluster (tcp://HOST:PORT); the index folder and the bundle "
+                        "must be at the same path on every worker")
+    p.add_argument("--migrate", action="store_true", help="convert a version-1 index (SQLite rows) to shards first")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -44,9 +50,9 @@ def main(args: argparse.Namespace) -> int:
     def on_error(path: str, msg: str) -> None:
         print(f"edge-retrieval index: skipped {path}: {msg}", file=sys.stderr)
 
-    with ArchiveIndex(out, create=True) as index:
+    with ArchiveIndex(out, create=True, migrate=args.migrate) as index:
         report = index_folder(args.dir, bundle, index, threads=args.threads, site=args.site,
-                              progress=progress, on_error=on_error)
+                              progress=progress, on_error=on_error, workers=args.workers, cluster=args.cluster)
         stats = index.stats()
     print(
         f"index {out}: {report.added} added, {report.updated} updated, {report.unchanged} unchanged, "

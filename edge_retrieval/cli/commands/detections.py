@@ -34,10 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ...server import ServerStore, parse_since
+    from ...server import parse_since
+    from ...server.store_pg import open_store
 
     since = parse_since(args.since) if args.since else None
-    store = ServerStore(args.db, create=False)
+    store = open_store(args.db, create=False)
     try:
         rows = store.detections(since, limit=args.limit)
     finally:

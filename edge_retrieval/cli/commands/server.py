@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import threading
 from pathlib import Path
 
 from ...errors import ConfigError
+from ...protocol import NAME_RE
 from ...transport import MqttTransport, TlsFiles, read_credentials_file
 
 DEFAULT_DB = "~/.local/state/edge-retrieval/server.sqlite"
@@ -22,7 +24,8 @@ log = logging.getLogger("edge_retrieval.server")
 
 def add_db_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", default=os.environ.get("EDGE_RETRIEVAL_DB", DEFAULT_DB),
-                   help=f"server SQLite database (default $EDGE_RETRIEVAL_DB or {DEFAULT_DB})")
+                   help=f"server database: a SQLite file or postgresql://user@host/db (default $EDGE_RETRIEVAL_DB "
+                        f"or {DEFAULT_DB})")
 
 
 def add_broker_arguments(p: argparse.ArgumentParser, key_help: str) -> None:
@@ -37,7 +40,7 @@ def add_broker_arguments(p: argparse.ArgumentParser, key_help: str) -> None:
 
 
 def transport_from_args(args: argparse.Namespace, client_id: str, clean_session: bool,
-                        manual_ack: bool = False) -> MqttTransport:
+                        manual_ack: bool = False, mqtt_v5: bool = False) -> MqttTransport:
     if not args.broker:
         raise ConfigError("--broker is required (expected mqtt://host:1883 or mqtts://host:8883, or set $EDGE_RETRIEVAL_BROKER)")
     tls = None
@@ -49,7 +52,7 @@ def transport_from_args(args: argparse.Namespace, client_id: str, clean_session:
         tls = TlsFiles(args.ca, args.cert, args.cert_key)
     creds = read_credentials_file(args.credentials) if args.credentials else None
     return MqttTransport(args.broker, client_id, tls=tls, credentials=creds, clean_session=clean_session,
-                         manual_ack=manual_ack)
+                         manual_ack=manual_ack, mqtt_v5=mqtt_v5)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,6 +63,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--client-id", default="edge-retrieval-server",
                    help="MQTT client id of the persistent session (the example broker config replaces it by the "
                         "account name, so no other account can take this session over)")
+    p.add_argument("--share", default=None, metavar="GROUP",
+                   help="run as one of several servers: MQTT 5 shared subscriptions $share/GROUP/...; give each "
+                        "server its own --client-id and one --db postgresql://... for all")
+    p.add_argument("--webhook-queue", type=Path, default=None, metavar="FILE",
+                   help="the webhook's persistent queue (default: --db + '.webhook' for SQLite; for PostgreSQL "
+                        "CLIENT_ID.webhook beside the clips folder, one per server)")
     p.add_argument("--clips-dir", type=Path, help="where received detection clips go (default: clips/ next to --db)")
     p.add_argument("--clip-quota-mb", type=float, default=500.0,
                    help="per device: its oldest clips are deleted beyond this many MB (default 500)")
@@ -106,7 +115,7 @@ def _console(args: argparse.Namespace, store: object, srv: object) -> object:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ...server import AlertManager, FleetServer, HaDiscovery, ServerStore, Webhook, load_private_key
+    from ...server import AlertManager, FleetServer, HaDiscovery, Webhook, load_private_key
 
     space_id = None
     if args.bundle:
@@ -114,10 +123,27 @@ def main(args: argparse.Namespace) -> int:
 
         space_id = read_manifest(args.bundle).space.id
     key = load_private_key(args.key) if args.key else None
-    store = ServerStore(args.db)
+    from ...server.store_pg import is_postgres_url, open_store, redact
+
+    if args.share is not None and not NAME_RE.fullmatch(args.share):
+        raise ConfigError(f"--share {args.share!r} is not a group name (expected letters, digits, '-', '_')")
+    postgres = is_postgres_url(args.db)
+    if postgres and args.http:
+        # users, sessions and feedback live in SQLite files beside the database
+        raise ConfigError("--http (the console) needs a SQLite --db: its users, sessions and feedback are not "
+                          "stored in PostgreSQL yet (expected --db FILE, or no --http)")
+    store = open_store(args.db)
     # manual acks: a detection is acknowledged to the broker only once it is in the database
-    transport = transport_from_args(args, args.client_id, clean_session=False, manual_ack=True)
-    webhook = Webhook(args.webhook, store.path.with_name(store.path.name + ".webhook")) if args.webhook else None
+    transport = transport_from_args(args, args.client_id, clean_session=False, manual_ack=True,
+                                    mqtt_v5=args.share is not None)
+    clips_dir = Path(args.clips_dir).expanduser() if args.clips_dir else store.path.parent / "clips"
+    queue = args.webhook_queue
+    if queue is None:
+        # one queue per server process (several may share the PostgreSQL store and the clips folder)
+        safe_id = re.sub(r"[^A-Za-z0-9_.-]", "_", args.client_id)
+        queue = (clips_dir.parent / f"{safe_id}.webhook" if postgres
+                 else store.path.with_name(store.path.name + ".webhook"))
+    webhook = Webhook(args.webhook, queue) if args.webhook else None
     if args.ha_off_delay_s <= 0:
         raise ConfigError(f"--ha-off-delay-s {args.ha_off_delay_s!r} is not valid (expected seconds > 0)")
     ha = HaDiscovery(transport, store, args.ha_prefix, args.ha_off_delay_s) if args.ha_discovery else None
@@ -125,7 +151,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--clip-quota-mb {args.clip_quota_mb!r} / --clip-retention-days {args.clip_retention_days!r} "
                           "are not valid (expected numbers > 0)")
     srv = FleetServer(store, transport, webhook=webhook, alerts=AlertManager(store, transport, key),
-                      space_id=space_id, clips_dir=args.clips_dir, ha=ha,
+                      space_id=space_id, clips_dir=clips_dir, ha=ha, share_group=args.share,
                       clip_quota_bytes=int(args.clip_quota_mb * 1e6), clip_retention_days=args.clip_retention_days)
     http = _console(args, store, srv) if args.http else None
     done = threading.Event()
@@ -134,7 +160,8 @@ def main(args: argparse.Namespace) -> int:
     srv.start()
     if http is not None:
         http.start()
-    print(f"edge-retrieval server: {transport.address.url}, database {store.path}"
+    db_name = redact(args.db) if postgres else store.path
+    print(f"edge-retrieval server: {transport.address.url}, database {db_name}"
           + (f", webhook {webhook.display}" if webhook else "") + f", clips {srv.clips_dir}"
           + (f", Home Assistant discovery under {args.ha_prefix}/" if ha else "")
           + (f", console {http.url}" if http else ""), flush=True)

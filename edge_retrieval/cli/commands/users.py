@@ -40,10 +40,14 @@ def _password(args: argparse.Namespace) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ...server.store_pg import is_postgres_url
     from ...server.users import Users
 
     if args.action in ("add", "remove") and not args.name:
         raise ConfigError(f"users {args.action} needs a NAME")
+    if is_postgres_url(args.db):
+        raise ConfigError("console accounts are kept in a SQLite --db; PostgreSQL does not hold them yet "
+                          "(expected --db FILE, the one the server with --http uses)")
     users = Users(args.db)
     try:
         if args.action == "add":
