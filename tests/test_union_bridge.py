@@ -222,31 +222,11 @@ def test_resolve_needs_no_torch_transformers_or_tensorflow(union_files: dict[str
     assert json.loads(p.stdout.strip().splitlines()[-1]) == {"top": "Chainsaw", "heavy": []}
 
 
-def _two_expert_bundle() -> Path | None:
-    """A real BirdNET + YAMNet bundle (the default export) under $EDGE_RETRIEVAL_BUNDLE_CACHE, if any."""
-    cache = os.environ.get("EDGE_RETRIEVAL_BUNDLE_CACHE")
-    for d in sorted(Path(cache).iterdir()) if cache and Path(cache).is_dir() else []:
-        try:
-            m = json.loads((d / "manifest.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if {e["name"] for e in m["device"]["experts"]} == {"birdnet", "yamnet"} and m.get("server"):
-            return d
-    return None
-
-
-def test_query_builder_weights_are_the_union_gates(tmp_path_factory: pytest.TempPathFactory) -> None:
-    from edge_retrieval.export.union_bridge import with_union_bridge
-
-    from edge_retrieval.bundle import load_bundle
+def test_query_builder_weights_are_the_union_gates(default_bundle) -> None:  # noqa: ANN001
+    """The packaged default (export default: union bridge over BirdNET + YAMNet) through QueryBuilder."""
     from edge_retrieval.text import QueryBuilder
 
-    src = _two_expert_bundle()
-    if src is None:
-        pytest.skip("no BirdNET + YAMNet bundle under $EDGE_RETRIEVAL_BUNDLE_CACHE (edge-retrieval export default)")
-    out = tmp_path_factory.mktemp("union-bundle") / "b"
-    with_union_bridge(src, out, progress=False)
-    b = load_bundle(out, part="all")
+    b = default_bundle
     assert [t.kind for t in b.manifest.server.text] == ["union_bridge", "union_bridge"]
     qb = QueryBuilder(b)
     assert qb.sides[0].core is qb.sides[1].core  # one index, one encoder
