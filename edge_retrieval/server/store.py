@@ -70,6 +70,8 @@ DETECTION_COLUMNS = (*EVENT_COLUMNS, "clip_path")
 class ServerStore:
     """The server's SQLite database (WAL: the CLI reads while the server writes)."""
 
+    SCALAR_MAX = "max"  # SQL's scalar maximum of two values (PostgreSQL spells it GREATEST)
+
     def __init__(self, path: str | Path, create: bool = True) -> None:
         """``create=False`` for readers: a mistyped path must fail, not leave an empty database."""
         self.path = Path(path).expanduser()
@@ -189,7 +191,7 @@ class ServerStore:
         latest change first, each with ``changed``; ``since`` filters on the event's own time.
         What the console lists and streams."""
         cols = ", ".join(f"d.{c}" for c in EVENT_COLUMNS)
-        changed = "max(d.updated, coalesce(c.received, ''))"
+        changed = f"{self.SCALAR_MAX}(d.updated, coalesce(c.received, ''))"
         sql = (f"SELECT {cols}, c.path, {changed} FROM detections d LEFT JOIN clips c "
                f"ON c.device = d.device AND c.event_id = d.event_id "
                f"WHERE {changed} >= ?")

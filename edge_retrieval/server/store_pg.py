@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import StoreError
 from ..protocol import Event, utcnow
-from .store import DETECTION_COLUMNS, EVENT_COLUMNS, ServerStore
+from .store import ServerStore
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS detections (
@@ -62,6 +62,8 @@ def redact(url: str) -> str:
 
 class PgServerStore(ServerStore):
     """``ServerStore`` on PostgreSQL (autocommit; one connection, serialised by a lock)."""
+
+    SCALAR_MAX = "GREATEST"
 
     def __init__(self, url: str, create: bool = True) -> None:  # noqa: D107 - no ServerStore.__init__ (SQLite)
         try:
@@ -126,31 +128,6 @@ class PgServerStore(ServerStore):
              ev.clock, ev.source, int(ev.final), ev.clip, ev.site, ev.lat, ev.lon, now, now),
         ).fetchone()
         return row is not None and int(row[0]) == 1
-
-    def changed_detections(self, after: str = "", *, device: str | None = None, query_id: str | None = None,
-                           since: str | None = None, event_id: str | None = None,
-                           limit: int = 200) -> list[dict[str, Any]]:
-        """As ``ServerStore.changed_detections`` (PostgreSQL's scalar maximum is GREATEST)."""
-        cols = ", ".join(f"d.{c}" for c in EVENT_COLUMNS)
-        changed = "GREATEST(d.updated, coalesce(c.received, ''))"
-        sql = (f"SELECT {cols}, c.path, {changed} FROM detections d LEFT JOIN clips c "
-               f"ON c.device = d.device AND c.event_id = d.event_id WHERE {changed} >= ?")
-        args: list[Any] = [after]
-        for col, val in (("device", device), ("query_id", query_id), ("event_id", event_id)):
-            if val is not None:
-                sql += f" AND d.{col} = ?"
-                args.append(val)
-        if since is not None:
-            sql += " AND d.time >= ?"
-            args.append(since)
-        rows = self._exec(sql + f" ORDER BY {changed} DESC, d.event_id LIMIT ?", (*args, int(limit))).fetchall()
-        out = []
-        for r in rows:
-            d = dict(zip(DETECTION_COLUMNS, r[:-1], strict=True))
-            d["final"] = bool(d["final"])
-            d["changed"] = r[-1]
-            out.append(d)
-        return out
 
     def close(self) -> None:
         with self._lock:
