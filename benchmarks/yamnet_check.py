@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import load_bundle
-from ..expert import AudioExpert, load_experts
+from ..pipeline.expert import AudioExpert, load_experts
 
 
 def _windows(expert: AudioExpert, sounds: Path, n: int) -> np.ndarray:
