@@ -176,11 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--temperatures", action="store_true", help="print the dev table of bridge temperatures")
+    ap.add_argument("--union-temperatures", action="store_true",
+                    help="print the dev table of the union bridge's temperatures (two-expert bundles)")
+    ap.add_argument("--union-grid", default=None, metavar="KT:LT,...",
+                    help="(kind, class) temperature pairs for --union-temperatures (default: kind 0.03 x 7 class values)")
     ap.add_argument("--no-cv", dest="cv", action="store_false",
                     help="pick policy and threshold mode by in-sample dev F1 (default: 2-fold CV within dev)")
     args = ap.parse_args(argv)
     if args.temperatures:
         return temperature_table(args)
+    if args.union_temperatures:
+        return union_temperature_table(args)
 
     bundle = load_bundle(args.bundle, part="all")
     clips = [c for c in read_fixture(args.fixture) if c.split == "dev"]
@@ -343,6 +349,102 @@ def temperature_table(args: argparse.Namespace) -> int:
                 best = int(np.argmax([(cp @ d).max() if len(cp) else -1.0 for cp in clip_probs]))
                 right += clips[best].category == cat
             print(f"{tk:<6} {tl:<7} {r:10.3f} {p:13.3f} {f1(r, p):6.3f} {right / len(ARCHIVE_QUERIES):16.3f}", flush=True)
+    return 0
+
+
+UNION_GRID = [(0.03, tc) for tc in (0.03, 0.05, 0.08, 0.12, 0.16, 0.2, 0.3)]
+
+
+def union_temperature_table(args: argparse.Namespace) -> int:
+    """Dev table for the union bridge's (kind, class) temperatures (species and the level softmax
+    keep the bundle's ``temperature``): detection F1 by 2-fold CV within
+    dev (best policy/mode, as ``main`` picks them) and in-sample, and the dev archive top-1 and MRR of
+    the fixed archive queries over the dev clips. Every grid point's queries are scored in ONE pass
+    per stream (the matcher scores all of them at once), so the grid costs no more audio passes."""
+    from edge_retrieval.offline.retrieval import FileEmbedder, clip_scores, query_from_message, query_matrix
+    from edge_retrieval.text.union_bridge import UnionSide
+
+    bundle = load_bundle(args.bundle, part="all")
+    qb = QueryBuilder(bundle)
+    cores = {id(s.core): s.core for s in qb.sides if isinstance(s, UnionSide)}
+    if not cores:
+        print(f"tune_defaults: {args.bundle} has no union bridge", file=sys.stderr)
+        return 1
+    base = {k: dataclasses.replace(c.params) for k, c in cores.items()}
+
+    def set_temps(tk: float, tl: float) -> None:
+        for k, c in cores.items():
+            c.params = dataclasses.replace(base[k], kind_temperature=tk, class_temperature=tl)
+            c._cache.clear()
+
+    grid = UNION_GRID
+    if args.union_grid:
+        try:
+            grid = [(float(a), float(b)) for a, b in (pair.split(":") for pair in args.union_grid.split(","))]
+        except ValueError:
+            print(f"tune_defaults: --union-grid {args.union_grid!r}: expected KT:LT pairs, e.g. 0.03:0.05,0.03:0.1",
+                  file=sys.stderr)
+            return 2
+    texts = list(DETECTION_QUERIES)
+    nq = len(texts)
+    msgs, arch = [], []
+    for g, (tk, tl) in enumerate(grid):
+        set_temps(tk, tl)
+        msgs += [qb.build(t, f"g{g}q{i}", 0.5)[0] for i, t in enumerate(texts)]
+        arch.append([query_from_message(qb.build(t, "a", 0.0)[0], bundle.manifest) for t in ARCHIVE_QUERIES.values()])
+    p0 = next(iter(base.values()))
+    set_temps(p0.kind_temperature, p0.class_temperature or p0.temperature)
+    clips = [c for c in read_fixture(args.fixture) if c.split == "dev"]
+    rate = bundle.manifest.device.experts[0].sample_rate
+    cats = {f"q{i}": c for i, c in enumerate(DETECTION_QUERIES.values())}
+
+    def scored(part: list, seed: int) -> Scored:
+        part = list(part)
+        random.Random(seed).shuffle(part)
+        x, segs = build_stream(part, rate, seed=seed)
+        starts, ends, scores = stream_scores(bundle, x, rate, msgs, threads=args.threads)
+        return Scored(starts, ends, scores, segs, x.size / rate)
+
+    packages = fixture_packages(args.fixture)
+    full = scored(clips, 0)
+    folds = [[scored(h, seed) for h in package_folds(clips, packages, seed)] for seed in (0, 1)]
+    fe = FileEmbedder(bundle, threads=args.threads)
+    fvs = [fe.embed_file(c.path) for c in clips]
+    hop = bundle.manifest.device.hop_s
+    sure = max(1, int(min(e.window_s for e in bundle.manifest.device.experts) / hop + 1e-9))
+    candidates = [(pol, mode) for pol in POLICIES if pol["min_hits"] <= sure for mode in MODES]
+    print("kind_T class_T  cv_F1  (policy, mode)                          dev_recall dev_precision  archive_top1  archive_MRR")
+    for g, (tk, tl) in enumerate(grid):
+        cols = slice(g * nq, (g + 1) * nq)
+
+        def part(sc: Scored, cols: slice = cols) -> Scored:
+            return dataclasses.replace(sc, scores=sc.scores[:, cols])
+
+        compiled = [dataclasses.replace(compile_query(m, bundle.manifest), query_id=f"q{i}")
+                    for i, m in enumerate(msgs[cols])]
+        best = None
+        for pol, mode in candidates:
+            overlay = PolicyOverlay.model_validate(pol)
+            f1s = []
+            for a_b in folds:
+                for a, b in ((0, 1), (1, 0)):
+                    thr, _ = choose(part(a_b[a]), compiled, cats, overlay, mode)
+                    f1s.append(f1(*totals(evaluate(part(a_b[b]), compiled, cats, overlay, thr))))
+            _, per_q = choose(part(full), compiled, cats, overlay, mode)
+            row = (float(np.mean(f1s)), pol, mode, *totals(per_q))
+            if best is None or row[0] > best[0] + 1e-9:
+                best = row
+        mats = {e: query_matrix(arch[g], e) for e in bundle.manifest.expert_names}
+        sc = np.stack([clip_scores(fv, mats) for fv in fvs])  # [clips, archive queries]
+        right, rr = 0, 0.0
+        for qi, cat in enumerate(ARCHIVE_QUERIES):
+            order = [clips[j].category for j in np.argsort(-sc[:, qi])]
+            right += order[0] == cat
+            rr += 1 / (order.index(cat) + 1) if cat in order else 0.0
+        assert best is not None
+        pol = f"{best[1]['min_hits']}/{best[1]['of_windows']}{' adapt' if best[1]['adapt'] else ''}, {best[2]}"
+        print(f"{tk:<6} {tl:<7} {best[0]:6.3f}  {pol:<38} {best[3]:10.3f} {best[4]:13.3f} "
+              f"{right:>6}/{len(ARCHIVE_QUERIES):<6} {rr / len(ARCHIVE_QUERIES):11.3f}", flush=True)
     return 0
 
 

@@ -181,6 +181,18 @@ def test_level_weights_maxima_not_sums() -> None:
     assert abs(w[:6400].sum() - 1 / (1 + np.exp(-0.05 / 0.03))) < 1e-6 and w[0] == w[:6400].max()
 
 
+def test_class_temperature_flattens_classes_only() -> None:
+    # kind 0: three species and three classes; the species level wins (0.9 > 0.8)
+    sim = np.array([0.90, 0.80, 0.70, 0.80, 0.75, 0.70], np.float64)
+    role = np.array([SPECIES, SPECIES, SPECIES, CLASS, CLASS, CLASS])
+    kind = np.zeros(6, np.int64)
+    same = level_weights(sim, np.array([0.9]), kind, role, 0.03, 0.03)
+    flat = level_weights(sim, np.array([0.9]), kind, role, 0.03, 0.03, class_temperature=0.3)
+    np.testing.assert_allclose(flat[:3], same[:3])  # species and the level split are untouched
+    assert abs(flat[3:].sum() - same[3:].sum()) < 1e-12  # the class level keeps its mass...
+    assert flat[3] / flat[5] < same[3] / same[5] and abs(flat[3] / flat[5] - np.exp(0.1 / 0.3)) < 1e-9  # ...spread
+
+
 def test_partners_take_their_share_and_keep_the_mass() -> None:
     # kind 0: two classes (counterparts), one partner that matches best, one unlisted partner
     sim = np.array([0.60, 0.50, 0.90, 0.95], np.float64)
@@ -198,7 +210,7 @@ def test_params_are_checked(union_files: dict[str, str]) -> None:
     from edge_retrieval.errors import BundleError
 
     params = json.loads(Path(union_files["params"]).read_text())
-    for bad in ({"temperature": 0}, {"experts": ["birdnet"]}, {"fit_floor": {"birdnet": 0.5}},
+    for bad in ({"temperature": 0}, {"class_temperature": 1.5}, {"class_temperature": "warm"}, {"experts": ["birdnet"]}, {"fit_floor": {"birdnet": 0.5}},
                 {"partners": [{**params["partners"][0], "share": 1.5}]}, {"surprise": 1}):
         with pytest.raises(BundleError):
             UnionParams.from_dict({**params, **bad})

@@ -17,7 +17,10 @@ and 6 group outputs, which name sounds the classes already name). Weights, as a 
   names a generic sound): a species name ("American robin", "robin song") goes to the species; a
   generic sound ("bird singing", "crickets chirping", "an owl hooting") to the classes. Maxima,
   not sums, so 6,400 species with "a bird call or song" in their texts cannot outvote one class;
-- p(label | level): softmax over that level's labels of the kind at ``temperature``.
+- p(label | level): softmax over that level's labels of the kind, at ``temperature`` for species
+  and at ``class_temperature`` for classes (defaults to ``temperature``): a species name must pick
+  its species out of 6,400, while a generic sound ("a power tool", "a siren") is better served by
+  its class and the sibling classes that name it too (Drill, Hammer; Ambulance, Police car).
 
 **Overlap rule** (on purpose, not by which text happens to match best). Species -> BirdNET
 (a species also matches by its bare common name, so "barred owl" is not out-scored by
@@ -94,6 +97,7 @@ class UnionParams:
     max_labels: int = MAX_LABELS
     max_tokens: int = 256
     temperature_basis: str = ""
+    class_temperature: float | None = None  # None: ``temperature``
     fit_floor_basis: str = ""
     rule: str = ""
     model: str = ""
@@ -108,9 +112,11 @@ class UnionParams:
             p = cls(**raw)
         except TypeError as exc:
             raise BundleError(f"union_bridge params: {exc}") from exc
-        for name in ("temperature", "kind_temperature"):
+        for name in ("temperature", "kind_temperature", "class_temperature"):
             t = getattr(p, name)
-            if not 0 < t <= 1:
+            if name == "class_temperature" and t is None:
+                continue
+            if not isinstance(t, int | float) or not 0 < t <= 1:
                 raise BundleError(f"union_bridge {name} {t!r} must be in (0, 1]")
         if not 1 <= p.max_labels <= MAX_LABELS:
             raise BundleError(f"union_bridge max_labels {p.max_labels!r} must be in 1..{MAX_LABELS}")
@@ -166,7 +172,8 @@ class UnionIndex:
 
 
 def level_weights(sim: np.ndarray, kind_sim: np.ndarray, label_kind: np.ndarray, label_role: np.ndarray,
-                  kind_temperature: float, temperature: float, carriers: np.ndarray | None = None) -> np.ndarray:
+                  kind_temperature: float, temperature: float, carriers: np.ndarray | None = None,
+                  class_temperature: float | None = None) -> np.ndarray:
     """[U] p(kind) * p(level | kind) * p(label | level, kind) (pure numpy).
 
     ``sim`` [U] label cosines, ``kind_sim`` [K] kind similarities, ``label_kind`` [U],
@@ -200,7 +207,8 @@ def level_weights(sim: np.ndarray, kind_sim: np.ndarray, label_kind: np.ndarray,
         if idx.size == 0:
             continue
         k = label_kind[idx]
-        e = np.exp((sim[idx] - best[role][k]) / temperature)
+        t = class_temperature if role == CLASS and class_temperature is not None else temperature
+        e = np.exp((sim[idx] - best[role][k]) / t)
         z = np.bincount(k, weights=e, minlength=n_kinds)
         w[idx] = pk[k] * p_level[role][k] * e / z[k]
     return w
@@ -282,9 +290,10 @@ class UnionCore:
         p, li = self.params, self.index.labels
         sim = li.label_similarity(q)
         ksim = li.kind_similarity(q, np.where(self.silent, -np.inf, sim))
+        ct = p.class_temperature if p.class_temperature is not None else p.temperature
         w = level_weights(sim, ksim, li.label_kind, self.index.label_role, p.kind_temperature, p.temperature,
-                          self.carriers)
-        w = apply_partners(w, sim.astype(np.float64), self.moves, p.temperature)
+                          self.carriers, class_temperature=ct)
+        w = apply_partners(w, sim.astype(np.float64), self.moves, ct)
         mass = {name: float(w[s].sum()) for name, s in zip(p.experts, self.slices, strict=True)}
         gate = {k: (v if v >= p.min_expert_weight else 0.0) for k, v in mass.items()}
         total = sum(gate.values())
