@@ -29,7 +29,7 @@ def _add_yamnet(p: argparse.ArgumentParser) -> None:
                    "or ~/.cache/edge-retrieval/sounds)")
     p.add_argument("--yamnet-patches", type=int, default=5,
                    help="0.96 s log-mel patches (0.48 s apart) per YAMNet window: 5 = 2.895 s, the same audio as "
-                   "BirdNET's 3 s window (default); 2 = 1.455 s at 0.4x the CPU")
+                   "BirdNET's 3 s window (default); 2 = 1.455 s at half the CPU")
 
 
 def _check_common(args: argparse.Namespace) -> None:

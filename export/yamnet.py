@@ -19,7 +19,7 @@ Windowing: one expert window = ``patches`` patches at the 0.48 s patch hop, scor
 of the bundle, so consecutive windows overlap and no stretch of audio is left out. The default is 5
 patches = 2.895 s (0.96 s + 4 x 0.48 s + the last STFT frame's 15 ms tail): the same audio as
 BirdNET's 3 s window on the same tick, so a short sound is in 2-3 consecutive windows of both
-experts. ``--yamnet-patches 2`` (1.455 s) costs 0.4x the CPU, but a transient then lies in one
+experts. ``--yamnet-patches 2`` (1.455 s) costs half the CPU, but a transient then lies in one
 or two windows only and the two experts of a tick hear different audio.
 """
 
