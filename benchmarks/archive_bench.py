@@ -339,19 +339,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="archive_bench", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    p.add_argument("--sounds", type=Path, default=Path.home() / ".cache" / "edge-retrieval" / "sounds")
-    p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--board", default=None)
-    p.add_argument("--note", default=None)
-    p.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
-    results = run(args)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
-    print(render(results))
-    return 0
+    from .report import standalone_main
+
+    def extra(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--sounds", type=Path, default=Path.home() / ".cache" / "edge-retrieval" / "sounds")
+        p.add_argument("--quiet", action="store_true")
+
+    return standalone_main("archive_bench", __doc__.splitlines()[0], add_arguments, run, render, argv, extra)
 
 
 if __name__ == "__main__":

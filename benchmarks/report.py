@@ -304,6 +304,25 @@ def plot(res: dict[str, Any], out_dir: Path) -> list[Path]:
 # --------------------------------------------------------------------------- CLI
 
 
+def standalone_main(prog: str, description: str, add_arguments: Any, run: Any, render_fn: Any,
+                    argv: Sequence[str] | None, extra: Any = None) -> int:
+    """``main`` of a benchmark module run on its own: its arguments (+ ``extra(parser)``), then
+    ``--json/--board/--note``; runs it, writes the JSON if asked and prints ``render_fn(results)``."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(p)
+    if extra is not None:
+        extra(p)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--board", default=None)
+    p.add_argument("--note", default=None)
+    args = p.parse_args(argv)
+    results = run(args)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    print(render_fn(results))
+    return 0
+
+
 def is_bench_results(data: Any) -> bool:
     """A results file of ``edge-retrieval bench`` (other programs share benchmarks/results/)."""
     return (isinstance(data, dict) and isinstance(data.get("board"), dict) and "schema" in data

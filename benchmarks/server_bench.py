@@ -268,17 +268,9 @@ def render(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="server_bench", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--board", default=None)
-    p.add_argument("--note", default=None)
-    args = p.parse_args(argv)
-    results = run(args)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
-    print(render(results))
-    return 0
+    from .report import standalone_main
+
+    return standalone_main("server_bench", __doc__.splitlines()[0], add_arguments, run, render, argv)
 
 
 if __name__ == "__main__":

@@ -532,23 +532,33 @@ def parity_report(ref: tuple[np.ndarray, np.ndarray], got: tuple[np.ndarray, np.
     gl = gl[:, :n]
     group_diff = max((float(np.abs(groups[:, j] - gl[:, m].max(axis=1)).max()) for j, m in enumerate(members)),
                      default=0.0)
-    diff = np.abs(gl - rl).max(axis=1)
-    cos = np.sum(re_ * ge, axis=1) / np.maximum(np.linalg.norm(re_, axis=1) * np.linalg.norm(ge, axis=1), 1e-12)
-    top5 = [len(set(np.argsort(-a)[:5]) & set(np.argsort(-b)[:5])) for a, b in zip(rl, gl, strict=True)]
     return {
         "reference": f"LiteRT (ai-edge-litert) running the original {MODEL_NAME}",
+        **parity_core(rl, gl, re_, ge, source, files, silent_skipped),
+        "max_abs_sigmoid_diff": float(np.abs(_sigmoid(gl) - _sigmoid(rl)).max()),
+        "groups": len(members),
+        "group_max_abs_diff": group_diff,
+    }
+
+
+def parity_core(ref_logits: np.ndarray, logits: np.ndarray, ref_emb: np.ndarray, emb: np.ndarray, source: str,
+                files: int, silent_skipped: int) -> dict[str, Any]:
+    """The parity fields every expert's export reports: windows, top-1/top-5 agreement, logit
+    differences, the smallest embedding cosine (reference first, ours second)."""
+    diff = np.abs(logits - ref_logits).max(axis=1)
+    top5 = [len(set(np.argsort(-a)[:5]) & set(np.argsort(-b)[:5])) for a, b in zip(ref_logits, logits, strict=True)]
+    cos = np.sum(ref_emb * emb, axis=1) / np.maximum(
+        np.linalg.norm(ref_emb, axis=1) * np.linalg.norm(emb, axis=1), 1e-12)
+    return {
         "source": source,
         "files": files,
-        "windows": int(len(rl)),
+        "windows": int(len(ref_logits)),
         "silent_windows_skipped": silent_skipped,
-        "top1_agreement": round(float(np.mean(rl.argmax(1) == gl.argmax(1))), 4),
+        "top1_agreement": round(float(np.mean(ref_logits.argmax(1) == logits.argmax(1))), 4),
         "top5_overlap_mean": round(float(np.mean(top5)), 3),
         "max_abs_logit_diff": float(diff.max()),
         "median_max_abs_logit_diff": float(np.median(diff)),
-        "max_abs_sigmoid_diff": float(np.abs(_sigmoid(gl) - _sigmoid(rl)).max()),
         "embedding_cosine_min": float(cos.min()),
-        "groups": len(members),
-        "group_max_abs_diff": group_diff,
     }
 
 

@@ -44,7 +44,14 @@ import numpy as np
 from edge_retrieval.bundle import BundleWriter, FrontendSpec, expert_space_digest, sha256_file, space_id
 from edge_retrieval.errors import ExportError
 
-from .birdnet import BuiltExpert, StepLog, _package_version, default_sounds_dir, recording_windows
+from .birdnet import (
+    BuiltExpert,
+    StepLog,
+    _package_version,
+    default_sounds_dir,
+    parity_core,
+    recording_windows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -364,28 +371,16 @@ def onnx_outputs(frontend: Any, onnx_path: Path, windows: np.ndarray, threads: i
     return np.concatenate(lo), np.concatenate(em)
 
 
-def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sum(a * b, axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
 
 
 def parity_report(ref: tuple[np.ndarray, np.ndarray], got: tuple[np.ndarray, np.ndarray], source: str, files: int,
                   silent_skipped: int, logmel_diff: float, score_check: float) -> dict[str, Any]:
     (rl, re_), (gl, ge) = ref, got
-    diff = np.abs(gl - rl).max(axis=1)
-    top5 = [len(set(np.argsort(-a)[:5]) & set(np.argsort(-b)[:5])) for a, b in zip(rl, gl, strict=True)]
     return {
         "reference": f"TensorFlow running the original YAMNet SavedModel's serving_default ({PACKAGE})",
         "reference_logits": "its per-patch embeddings through its own logits layer, max over the window's patches "
                             f"(sigmoid of them vs its scores: max |diff| {score_check:.2g})",
-        "source": source,
-        "files": files,
-        "windows": int(len(rl)),
-        "silent_windows_skipped": silent_skipped,
-        "top1_agreement": round(float(np.mean(rl.argmax(1) == gl.argmax(1))), 4),
-        "top5_overlap_mean": round(float(np.mean(top5)), 3),
-        "max_abs_logit_diff": float(diff.max()),
-        "median_max_abs_logit_diff": float(np.median(diff)),
-        "embedding_cosine_min": float(_cos(re_, ge).min()),
+        **parity_core(rl, gl, re_, ge, source, files, silent_skipped),
         "max_abs_logmel_diff": logmel_diff,
     }
 

@@ -117,6 +117,26 @@ def package_folds(clips: list, packages: dict[str, str], seed: int) -> list[list
     return [[c for c in clips if side[(c.category, packages.get(c.clip_id, c.clip_id))] == s] for s in (0, 1)]
 
 
+def policy_candidates(bundle) -> list[tuple[dict, str]]:  # noqa: ANN001
+    """(policy, threshold mode) pairs to try. N-of-M needs every sound to lie in N windows of the
+    shortest expert: a sound shorter than a hop lies in floor(window / hop) of them for sure (2 for
+    YAMNet's 2.895 s at a 1 s hop, 3 for BirdNET's 3 s); a policy asking more would miss short
+    sounds by construction."""
+    hop = bundle.manifest.device.hop_s
+    sure = max(1, int(min(e.window_s for e in bundle.manifest.device.experts) / hop + 1e-9))
+    return [(pol, mode) for pol in POLICIES if pol["min_hits"] <= sure for mode in MODES]
+
+
+def score_stream(bundle, part: list, seed: int, msgs: list, threads: int) -> Scored:  # noqa: ANN001
+    """The clips of ``part`` shuffled (seeded) in a row with noise gaps, scored once for ``msgs``."""
+    part = list(part)
+    random.Random(seed).shuffle(part)
+    rate = bundle.manifest.device.experts[0].sample_rate
+    x, segs = build_stream(part, rate, seed=seed)
+    starts, ends, scores = stream_scores(bundle, x, rate, msgs, threads=threads)
+    return Scored(starts, ends, scores, segs, x.size / rate)
+
+
 def _runs(sc: Scored, q, overlay: PolicyOverlay, cats: dict, col: int) -> list:  # noqa: ANN001
     out = []
     for thr in GRID:
@@ -193,30 +213,19 @@ def main(argv: list[str] | None = None) -> int:
     if not clips:
         print(f"tune_defaults: no dev clips on disk for {args.fixture} (run scripts/fetch_sounds.py)", file=sys.stderr)
         return 1
-    rate = bundle.manifest.device.experts[0].sample_rate
     qb = QueryBuilder(bundle)
     msgs = [qb.build(text, f"q{i}", 0.5)[0] for i, text in enumerate(DETECTION_QUERIES)]
     compiled = [compile_query(m, bundle.manifest) for m in msgs]
     cats = {f"q{i}": c for i, c in enumerate(DETECTION_QUERIES.values())}
 
     def scored(part: list, seed: int) -> Scored:
-        part = list(part)
-        random.Random(seed).shuffle(part)
-        x, segs = build_stream(part, rate, seed=seed)
-        starts, ends, scores = stream_scores(bundle, x, rate, msgs, threads=args.threads)
-        return Scored(starts, ends, scores, segs, x.size / rate)
+        return score_stream(bundle, part, seed, msgs, args.threads)
 
     t0 = time.time()
     full = scored(clips, 0)
     print(f"tune_defaults: {len(clips)} dev clips, {full.seconds:.0f} s, {len(full.starts)} windows scored "
           f"in {time.time() - t0:.0f} s", file=sys.stderr)
-    # N-of-M needs every sound to lie in N windows of the shortest expert: a sound shorter than a
-    # hop lies in floor(window / hop) of them for sure (2 for YAMNet's 2.895 s at a 1 s hop, 3 for
-    # BirdNET's 3 s), so a policy asking more would miss short sounds by construction
-    hop = bundle.manifest.device.hop_s
-    sure = max(1, int(min(e.window_s for e in bundle.manifest.device.experts) / hop + 1e-9))
-    policies = [pol for pol in POLICIES if pol["min_hits"] <= sure]
-    candidates = [(pol, mode) for pol in policies for mode in MODES]
+    candidates = policy_candidates(bundle)
     cv: dict[str, float] = {}
     if args.cv:
         packages = fixture_packages(args.fixture)
@@ -395,24 +404,17 @@ def union_temperature_table(args: argparse.Namespace) -> int:
     p0 = next(iter(base.values()))
     set_temps(p0.kind_temperature, p0.class_temperature or p0.temperature)
     clips = [c for c in read_fixture(args.fixture) if c.split == "dev"]
-    rate = bundle.manifest.device.experts[0].sample_rate
     cats = {f"q{i}": c for i, c in enumerate(DETECTION_QUERIES.values())}
 
     def scored(part: list, seed: int) -> Scored:
-        part = list(part)
-        random.Random(seed).shuffle(part)
-        x, segs = build_stream(part, rate, seed=seed)
-        starts, ends, scores = stream_scores(bundle, x, rate, msgs, threads=args.threads)
-        return Scored(starts, ends, scores, segs, x.size / rate)
+        return score_stream(bundle, part, seed, msgs, args.threads)
 
     packages = fixture_packages(args.fixture)
     full = scored(clips, 0)
     folds = [[scored(h, seed) for h in package_folds(clips, packages, seed)] for seed in (0, 1)]
     fe = FileEmbedder(bundle, threads=args.threads)
     fvs = [fe.embed_file(c.path) for c in clips]
-    hop = bundle.manifest.device.hop_s
-    sure = max(1, int(min(e.window_s for e in bundle.manifest.device.experts) / hop + 1e-9))
-    candidates = [(pol, mode) for pol in POLICIES if pol["min_hits"] <= sure for mode in MODES]
+    candidates = policy_candidates(bundle)
     print("kind_T class_T  cv_F1  (policy, mode)                          dev_recall dev_precision  archive_top1  archive_MRR")
     for g, (tk, tl) in enumerate(grid):
         cols = slice(g * nq, (g + 1) * nq)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import TransportError
 from ..protocol import MAX_CLIP_BYTES
-from .sqlite_queue import SqliteQueue
+from .sqlite_queue import QueueOwner, SqliteQueue
 
 if TYPE_CHECKING:
     from ..transport import MqttTransport
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 
-class ClipOutbox:
+class ClipOutbox(QueueOwner):
     """At most ``max_rows`` clips (rows) wait; the oldest is dropped (counted) when full."""
 
     def __init__(self, path: str | Path, transport: MqttTransport, *, max_rows: int = 10_000,
@@ -75,14 +75,6 @@ class ClipOutbox:
         return {"depth": self.depth(), "sent": self.sent, "skipped_large": self.skipped_large,
                 "missing": self.missing, "dropped": self.dropped()}
 
-    def close(self) -> None:
-        with self._lock:
-            self._stop = True
-            self._wake.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-        self._q.close()
 
     # ------------------------------------------------------------------ sender
 

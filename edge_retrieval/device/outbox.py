@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import StoreError
-from .sqlite_queue import SqliteQueue
+from .sqlite_queue import QueueOwner, SqliteQueue
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ PublishFn = Callable[[str, bytes], "Delivery | None"]
 ACK_POLL_S = 0.02  # how often in-flight handles are checked while some are outstanding (seconds)
 
 
-class Outbox:
+class Outbox(QueueOwner):
     """Bounded on-disk queue of (topic, payload) rows, at most ``max_events`` rows (events).
 
     ``window`` is the most rows in flight (sent, not yet acknowledged) at once. A pump thread
@@ -188,11 +188,3 @@ class Outbox:
         return {"depth": self.depth(), "inflight": self.inflight(), "dropped": self.dropped(),
                 "sent": self.sent, "acked": self.acked}
 
-    def close(self) -> None:
-        with self._lock:
-            self._stop = True
-            self._wake.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-        self._q.close()

@@ -107,3 +107,23 @@ class SqliteQueue:
                 self.db.close()
             except sqlite3.Error:
                 pass
+
+
+class QueueOwner:
+    """What both outboxes share: a sender thread over a ``SqliteQueue``, woken by ``_wake`` (a
+    Condition on ``_lock``) and stopped by ``_stop``. ``close`` stops it, then the queue."""
+
+    _lock: threading.Lock
+    _wake: threading.Condition
+    _stop: bool
+    _thread: threading.Thread | None
+    _q: SqliteQueue
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._q.close()
