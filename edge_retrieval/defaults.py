@@ -75,6 +75,16 @@ def default_threshold(bundle: Bundle, text: str, config_threshold: float | None 
     return BUILTIN_THRESHOLD.get(bundle.manifest.space.kind, 0.3)
 
 
+def feedback_floor(space_id: str, builtin: float) -> float:
+    """The least cosine to a feedback negative that suppresses a window (pipeline/feedback.py):
+    the space's ``feedback_floor`` (chosen on the dev half by scripts/feedback_cv.py), else ``builtin``."""
+    v = tuned_table().get(space_id, {}).get("feedback_floor", builtin)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 < float(v) <= 1.0:
+        raise ConfigError(f"tuned defaults {TUNED_FILE}: space {space_id[:12]}... feedback_floor {v!r} "
+                          "is not a number in (0, 1]")
+    return float(v)
+
+
 def default_policy(bundle: Bundle) -> PolicyOverlay | None:
     pol = tuned_for(bundle).get("policy")
     return PolicyOverlay.model_validate(pol) if pol else None

@@ -271,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         **({"dev_cv_f1": cv} if cv else {}),
     }
     data = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    data.setdefault("spaces", {})[bundle.manifest.space.id] = entry
+    old = data.setdefault("spaces", {}).get(bundle.manifest.space.id, {})
+    # scripts/feedback_cv.py's choice is kept (re-run it after a re-tune: it uses these thresholds)
+    entry.update({k: old[k] for k in ("feedback_floor", "feedback_cv") if k in old})
+    data["spaces"][bundle.manifest.space.id] = entry
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=2) + "\n")
     print(f"tune_defaults: chose {best['policy']} {best['mode']} with dev recall {best['recall']:.3f}, precision "

@@ -65,7 +65,7 @@ def test_suppression_equals_the_rule_per_query(tiny_ensemble) -> None:  # noqa: 
             pos = [{v.expert: v.dense(4) for v in ex.vectors} for ex in poss]
             anchor = {"tones": np.zeros(4, np.float32), "bands": q.dense["bands"]}
             anchor["tones"][q.sparse["tones"][0]] = q.sparse["tones"][1]
-            want = bool(dec) and max(map(sim, dec)) >= MIN_NEGATIVE_SIMILARITY and \
+            want = bool(dec) and max(map(sim, dec)) >= snap.feedback.floor and \
                 max(map(sim, dec)) > max(map(sim, [anchor, *pos])) + MARGIN
             assert mask[b, j] == want, (q.query_id, b)
     assert 0 < mask.sum() < mask.size  # the random draw exercised both outcomes
@@ -83,6 +83,54 @@ def test_the_same_window_is_suppressed_and_no_negatives_cost_nothing(tiny_ensemb
     msg = _msg(tiny_ensemble, "q", np.random.default_rng(0), [window_example(man, w, "ev1")], version=2)
     assert m.add(compile_query(msg, man))
     assert m.snapshot.suppressed(vec)[0, 0]  # the marked window itself, heard again
+
+
+def test_the_floor_is_the_bundles_tuned_one(tiny_ensemble, monkeypatch) -> None:  # noqa: ANN001
+    """A space with a tuned ``feedback_floor`` (scripts/feedback_cv.py) suppresses from that cosine
+    on; a space without one uses the built-in floor; a malformed value is one line naming it."""
+    from edge_retrieval import defaults
+    from edge_retrieval.errors import ConfigError
+
+    man = tiny_ensemble.manifest
+    rng = np.random.default_rng(5)
+    neg_w = _window(rng)
+    # windows moving away from the negative, towards one unlike it in both experts
+    far = {"tones": np.eye(4, dtype=np.float32)[int(np.argmin(neg_w["tones"]))], "bands": -neg_w["bands"]}
+    windows = [{e: (1 - t) * neg_w[e] + t * far[e] for e in far} for t in np.linspace(0, 1, 61)]
+    vec = {e: np.stack([w[e] for w in windows]) for e in ("tones", "bands")}
+
+    def suppressed(table: dict) -> tuple[float, np.ndarray]:
+        monkeypatch.setattr(defaults, "tuned_table", lambda: table)
+        m = Matcher(man)
+        msg = _msg(tiny_ensemble, "q", np.random.default_rng(0), [window_example(man, neg_w, "ev1")])
+        m.add(compile_query(msg, man))
+        mask = m.snapshot.suppressed(vec)
+        assert mask is not None
+        return m.feedback_floor, mask[:, 0]
+
+    floor, builtin = suppressed({})
+    assert floor == MIN_NEGATIVE_SIMILARITY
+    tuned_floor, tuned = suppressed({man.space.id: {"feedback_floor": 0.5}})
+    assert tuned_floor == 0.5
+    assert builtin[0] and tuned[0]  # the marked window itself either way
+    assert tuned.sum() > builtin.sum() and not (builtin & ~tuned).any()  # a lower floor reaches further
+    assert suppressed({"another space": {"feedback_floor": 0.5}})[0] == MIN_NEGATIVE_SIMILARITY
+    for bad in (0, 1.5, "0.7", True):
+        with pytest.raises(ConfigError, match="feedback_floor"):
+            suppressed({man.space.id: {"feedback_floor": bad}})
+
+
+def test_shipped_floors_were_chosen_on_dev() -> None:
+    """Every tuned floor in the package data is in (0, 1] and carries the dev numbers it came from."""
+    from edge_retrieval.defaults import feedback_floor, tuned_table
+
+    floors = {sid: e for sid, e in tuned_table().items() if "feedback_floor" in e}
+    assert floors, "no tuned feedback floor shipped"
+    for sid, e in floors.items():
+        assert feedback_floor(sid, MIN_NEGATIVE_SIMILARITY) == e["feedback_floor"]
+        cv = e["feedback_cv"]
+        assert cv["true_events"][1] >= cv["true_events"][0]  # the rule: no true event lost on dev
+        assert cv["false_events"][1] <= cv["false_events"][0]
 
 
 def test_wire_form_and_signatures(tiny_ensemble) -> None:  # noqa: ANN001

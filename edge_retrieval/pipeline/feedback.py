@@ -8,7 +8,10 @@ per-expert cosines are mixed with the query's expert weights, as the score is:
 
     neg = max over negatives of sim(x, n)
     pos = max(sim(x, query vector), max over positives of sim(x, p))
-    suppressed  <=>  neg >= MIN_NEGATIVE_SIMILARITY  and  neg > pos + MARGIN
+    suppressed  <=>  neg >= floor  and  neg > pos + MARGIN
+
+``floor`` is the bundle's ``feedback_floor`` in the tuned defaults (data/default_policy.json,
+chosen on the fixture's dev half by scripts/feedback_cv.py), else MIN_NEGATIVE_SIMILARITY.
 
 A suppressed window counts as a miss for that query (the detector leaves its background
 baseline alone, as for a gated window). The work is two matrix products over the queries that
@@ -25,7 +28,7 @@ from ..bundle import Manifest
 from ..errors import QueryRejected
 from ..protocol import Example, VectorPayload, encode_dense, encode_sparse
 
-MIN_NEGATIVE_SIMILARITY = 0.8  # a window must be at least this close to a negative (cosine)
+MIN_NEGATIVE_SIMILARITY = 0.8  # the floor of a bundle without a tuned one: this close to a negative (cosine)
 MARGIN = 0.0  # ... and closer to it than to every positive by more than this
 TOP_LABELS = 32  # labels kept of a window's probability vector when it travels (sparse)
 
@@ -138,6 +141,7 @@ class FeedbackSet:
     neg_starts: np.ndarray  # [nf]
     pos: dict[str, _Rows]
     pos_starts: np.ndarray  # [nf]
+    floor: float = MIN_NEGATIVE_SIMILARITY  # the least cosine to a negative that suppresses
 
     def suppressed(self, vectors: dict[str, np.ndarray]) -> np.ndarray:
         """{expert: [B, dim]} -> [B, nf] bool: which windows each feedback query suppresses."""
@@ -152,10 +156,11 @@ class FeedbackSet:
         assert neg is not None and pos is not None
         neg_max = np.maximum.reduceat(neg, self.neg_starts, axis=1)
         pos_max = np.maximum.reduceat(pos, self.pos_starts, axis=1)
-        return (neg_max >= MIN_NEGATIVE_SIMILARITY) & (neg_max > pos_max + MARGIN)
+        return (neg_max >= self.floor) & (neg_max > pos_max + MARGIN)
 
 
-def build_feedback(queries: tuple, dims: dict[str, int]) -> FeedbackSet | None:  # tuple[CompiledQuery, ...]
+def build_feedback(queries: tuple, dims: dict[str, int],  # tuple[CompiledQuery, ...]
+                   floor: float = MIN_NEGATIVE_SIMILARITY) -> FeedbackSet | None:
     """Stack the examples of ``queries`` (CompiledQuery); None when no query has a negative."""
     cols = [j for j, q in enumerate(queries) if q.negatives]
     if not cols:
@@ -182,4 +187,5 @@ def build_feedback(queries: tuple, dims: dict[str, int]) -> FeedbackSet | None: 
         neg_starts=np.asarray(neg_starts, np.intp),
         pos={e: _rows(pos[e], pos_w[e]) for e in dims},
         pos_starts=np.asarray(pos_starts, np.intp),
+        floor=float(floor),
     )

@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..bundle import Manifest
+from ..defaults import feedback_floor
 from ..errors import QueryRejected
 from ..policy import PolicyOverlay
 from ..protocol import QueryMessage
-from .feedback import FeedbackSet, Unit, build_feedback, decode_example, unit_sparse
+from .feedback import MIN_NEGATIVE_SIMILARITY, FeedbackSet, Unit, build_feedback, decode_example, unit_sparse
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,7 @@ class Snapshot:
         return mask
 
 
-def _build(queries: tuple[CompiledQuery, ...], dims: dict[str, int]) -> Snapshot:
+def _build(queries: tuple[CompiledQuery, ...], dims: dict[str, int], floor: float = MIN_NEGATIVE_SIMILARITY) -> Snapshot:
     experts: dict[str, _ExpertMatrix | _SparseExpert | _PaddedSparseExpert] = {}
     for name, dim in dims.items():
         if not queries:
@@ -233,7 +234,7 @@ def _build(queries: tuple[CompiledQuery, ...], dims: dict[str, int]) -> Snapshot
             m = np.stack([q.dense[name] * np.float32(q.weights[name]) for q in queries], axis=0)
             experts[name] = _ExpertMatrix(None, np.ascontiguousarray(m.reshape(len(queries), dim), np.float32))
     return Snapshot(queries, np.asarray([q.threshold for q in queries], np.float32), experts,
-                    build_feedback(queries, dims))
+                    build_feedback(queries, dims, floor))
 
 
 class Matcher:
@@ -242,6 +243,7 @@ class Matcher:
     def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest
         self.dims = {e.name: e.dim for e in manifest.device.experts}
+        self.feedback_floor = feedback_floor(manifest.space.id, MIN_NEGATIVE_SIMILARITY)
         self._lock = threading.Lock()
         self._queries: dict[str, CompiledQuery] = {}
         self._removed: dict[str, int] = {}  # id -> version of its deletion (a replay stays deleted)
@@ -256,7 +258,7 @@ class Matcher:
             if q.version <= self._removed.get(q.query_id, 0):
                 return False
             self._queries[q.query_id] = q
-            self.snapshot = _build(tuple(self._queries.values()), self.dims)
+            self.snapshot = _build(tuple(self._queries.values()), self.dims, self.feedback_floor)
             return True
 
     def remove(self, query_id: str, version: int | None = None) -> bool:
@@ -269,7 +271,7 @@ class Matcher:
                 return False
             if self._queries.pop(query_id, None) is None:
                 return False
-            self.snapshot = _build(tuple(self._queries.values()), self.dims)
+            self.snapshot = _build(tuple(self._queries.values()), self.dims, self.feedback_floor)
             return True
 
     def get(self, query_id: str) -> CompiledQuery | None:
