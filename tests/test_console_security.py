@@ -23,20 +23,27 @@ from edge_retrieval.console.app import ROUTES  # noqa: E402
 from edge_retrieval.protocol import Event, Status  # noqa: E402
 from edge_retrieval.server import AlertManager, ServerStore  # noqa: E402
 from edge_retrieval.server.feedback import Feedback  # noqa: E402
+from edge_retrieval.server.store_pg import open_store  # noqa: E402
 from edge_retrieval.server.users import Users  # noqa: E402
 
 PASSWORD = "correct horse battery"
 EVIL = '<script>alert("x")</script>'
 
 
-@pytest.fixture()
-def app(tmp_path: Path):  # noqa: ANN201
-    store = ServerStore(tmp_path / "server.sqlite")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def app(request: pytest.FixtureRequest, tmp_path: Path):  # noqa: ANN201
+    """The console on the server's own database: a SQLite file, or a real PostgreSQL (tests/fixtures_postgres)."""
+    if request.param == "sqlite":
+        store = ServerStore(tmp_path / "server.sqlite")
+        db: str | Path = store.path
+    else:
+        db = request.getfixturevalue("postgres_url")
+        store = open_store(db)
     alerts = AlertManager(store, None)
-    users = Users(store.path)
+    users = Users(db)
     users.add("ranger1", "ranger", PASSWORD)
     users.add("viewer1", "viewer", PASSWORD)
-    fb = Feedback(store.path, alerts)
+    fb = Feedback(db, alerts)
     ev = Event(event_id="e1", device="dev1", query_id="q1", query=EVIL, score=0.9, start_s=1, end_s=4,
                time="2026-01-01T00:00:00Z", source=EVIL, final=True, site=EVIL)
     store.upsert_event(ev)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from ..errors import ConfigError, QueryRejected
 from ..protocol import MAX_EXAMPLES, Event, Example, QueryMessage, VectorPayload, utcnow
 from .alerts import AlertManager, next_version
-from .sqlite_db import SqliteDb
+from .side_db import open_side_db
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +28,24 @@ CREATE TABLE IF NOT EXISTS event_vectors (
     device TEXT NOT NULL, event_id TEXT NOT NULL, vectors TEXT NOT NULL, PRIMARY KEY (device, event_id)
 );
 CREATE TABLE IF NOT EXISTS feedback (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, user TEXT NOT NULL, device TEXT NOT NULL,
+    id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, "user" TEXT NOT NULL, device TEXT NOT NULL,
     event_id TEXT NOT NULL, alert_id TEXT NOT NULL, kind TEXT NOT NULL, version INTEGER NOT NULL
 );
 """
+# versions are milliseconds since the epoch (alerts.next_version): 64-bit in PostgreSQL
+_PG_SCHEMA = _SCHEMA.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY").replace(
+    "version INTEGER", "version BIGINT")
 
 
-class Feedback(SqliteDb):
-    """Event vectors, feedback records and alert revisions (own connection to the server's SQLite)."""
+class Feedback:
+    """Event vectors, feedback records and alert revisions (own connection to the server's ``--db``)."""
 
-    def __init__(self, path: str | Path, alerts: AlertManager) -> None:
+    def __init__(self, db: str | Path, alerts: AlertManager) -> None:
         self.alerts = alerts
-        super().__init__(path, _SCHEMA)
+        self._sql = open_side_db(db, _SCHEMA, _PG_SCHEMA)
+
+    def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
+        return self._sql.exec(sql, args)
 
     def on_event(self, ev: Event, new: bool) -> None:
         """FleetServer listener: keep the vectors an event carries (its final update has them)."""
@@ -55,7 +61,7 @@ class Feedback(SqliteDb):
         return Example(vectors=[VectorPayload.model_validate(v) for v in json.loads(r[0])], event_id=event_id)
 
     def given(self, device: str, event_id: str) -> list[dict[str, Any]]:
-        rows = self._exec("SELECT time, user, kind, version FROM feedback WHERE device=? AND event_id=? ORDER BY id",
+        rows = self._exec("SELECT time, \"user\", kind, version FROM feedback WHERE device=? AND event_id=? ORDER BY id",
                           (device, event_id)).fetchall()
         return [{"time": t, "user": u, "kind": k, "version": v} for t, u, k, v in rows]
 
@@ -98,7 +104,7 @@ class Feedback(SqliteDb):
                                 "(its final update has not arrived, or its device predates feedback)")
         alert = self.revise(detection["query_id"], negative=ex if kind == "false_alarm" else None,
                             positive=ex if kind == "correct" else None)
-        self._exec("INSERT INTO feedback (time, user, device, event_id, alert_id, kind, version) VALUES (?,?,?,?,?,?,?)",
+        self._exec("INSERT INTO feedback (time, \"user\", device, event_id, alert_id, kind, version) VALUES (?,?,?,?,?,?,?)",
                    (utcnow(), user, detection["device"], detection["event_id"], detection["query_id"], kind,
                     alert["version"]))
         log.info("feedback %s on %s by %s: alert %s now v%d", kind, detection["event_id"][:8], user,
@@ -106,5 +112,4 @@ class Feedback(SqliteDb):
         return alert
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._sql.close()

@@ -35,7 +35,7 @@ CREATE TABLE IF NOT EXISTS devices (
 );
 CREATE TABLE IF NOT EXISTS alerts (
     id TEXT PRIMARY KEY, text TEXT NOT NULL, target_kind TEXT NOT NULL, target TEXT NOT NULL,
-    version INTEGER NOT NULL, threshold DOUBLE PRECISION NOT NULL, policy TEXT, message TEXT NOT NULL,
+    version BIGINT NOT NULL, threshold DOUBLE PRECISION NOT NULL, policy TEXT, message TEXT NOT NULL,
     created TEXT NOT NULL, deleted INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS clips (
@@ -92,7 +92,8 @@ class PgServerStore(ServerStore):
             raise StoreError(f"cannot open server database {redact(url)}: {exc}") from exc
 
     def _migrate(self) -> None:
-        """Tables written before detections and clips were keyed by (device, event_id): re-keyed in place."""
+        """Tables written before detections and clips were keyed by (device, event_id): re-keyed in
+        place; an alerts table with 32-bit versions: widened."""
         for table in ("detections", "clips"):
             pk = [r[0] for r in self._db.execute(
                 "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
@@ -101,6 +102,11 @@ class PgServerStore(ServerStore):
             if pk == ["event_id"]:
                 self._db.execute(f"ALTER TABLE {table} DROP CONSTRAINT {table}_pkey, "
                                  "ADD PRIMARY KEY (device, event_id)")
+        # alert versions are milliseconds since the epoch (alerts.next_version): 32 bits overflow
+        kind = self._db.execute("SELECT data_type FROM information_schema.columns WHERE table_name = 'alerts' "
+                                "AND column_name = 'version' AND table_schema = current_schema()").fetchone()
+        if kind is not None and kind[0] == "integer":
+            self._db.execute("ALTER TABLE alerts ALTER COLUMN version TYPE BIGINT")
 
     def __str__(self) -> str:
         return redact(self.url)

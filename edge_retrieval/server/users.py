@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..protocol import NAME_FORM, NAME_RE, utcnow
-from .sqlite_db import SqliteDb
+from .side_db import open_side_db
 
 ROLES = ("viewer", "ranger")
 MIN_PASSWORD = 10  # characters
@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     token_sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, csrf TEXT NOT NULL, expires REAL NOT NULL
 );
 """
+_PG_SCHEMA = _SCHEMA.replace("REAL", "DOUBLE PRECISION")
 
 
 def _hasher() -> Any:
@@ -53,12 +54,20 @@ class Session:
         return self.role == "ranger"
 
 
-class Users(SqliteDb):
-    """Accounts and sessions (own connection to the server's SQLite file, WAL)."""
+class Users:
+    """Accounts and sessions, in the server's ``--db`` (a SQLite file or PostgreSQL; own connection)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, db: str | Path) -> None:
         self._ph = _hasher()
-        super().__init__(path, _SCHEMA)
+        self._sql = open_side_db(db, _SCHEMA, _PG_SCHEMA)
+
+    @property
+    def where(self) -> str:
+        """The database, for messages (a PostgreSQL URL without its password)."""
+        return str(self._sql)
+
+    def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
+        return self._sql.exec(sql, args)
 
     # ------------------------------------------------------------------ accounts
 
@@ -124,8 +133,7 @@ class Users(SqliteDb):
             self._exec("DELETE FROM sessions WHERE token_sha256=?", (_sha(token),))
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._sql.close()
 
 
 def _sha(token: str) -> str:

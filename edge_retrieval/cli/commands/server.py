@@ -92,6 +92,7 @@ def _console(args: argparse.Namespace, store: object, srv: object) -> object:
     """The console over this server's store and alerts; alerts can be added when --bundle has its text side."""
     from ...console import Console, HttpServer, make_app
     from ...server.feedback import Feedback
+    from ...server.store_pg import is_postgres_url
     from ...server.users import Users
 
     builder = None
@@ -104,10 +105,11 @@ def _console(args: argparse.Namespace, store: object, srv: object) -> object:
             builder = QueryBuilder(load_bundle(args.bundle, part="all"))
         except BundleError as exc:
             log.warning("console: alerts cannot be added (%s)", exc)
-    users = Users(store.path)  # type: ignore[attr-defined]
+    db = args.db if is_postgres_url(args.db) else store.path  # type: ignore[attr-defined]
+    users = Users(db)  # the console's tables live in the server's own database, SQLite or PostgreSQL
     if not users.list():
         log.warning("console: no account yet; create one with: edge-retrieval users add NAME --role ranger")
-    fb = Feedback(store.path, srv.alerts)  # type: ignore[attr-defined]
+    fb = Feedback(db, srv.alerts)  # type: ignore[attr-defined]
     srv.event_listeners.append(fb.on_event)  # type: ignore[attr-defined]
     console = Console(store, srv.alerts, fb, users, builder=builder,  # type: ignore[arg-type, attr-defined]
                       secure_cookies=bool(args.http_cert) or args.http_behind_tls)
@@ -128,10 +130,6 @@ def main(args: argparse.Namespace) -> int:
     if args.share is not None and not NAME_RE.fullmatch(args.share):
         raise ConfigError(f"--share {args.share!r} is not a group name (expected letters, digits, '-', '_')")
     postgres = is_postgres_url(args.db)
-    if postgres and args.http:
-        # users, sessions and feedback live in SQLite files beside the database
-        raise ConfigError("--http (the console) needs a SQLite --db: its users, sessions and feedback are not "
-                          "stored in PostgreSQL yet (expected --db FILE, or no --http)")
     store = open_store(args.db)
     # manual acks: a detection is acknowledged to the broker only once it is in the database
     transport = transport_from_args(args, args.client_id, clean_session=False, manual_ack=True,

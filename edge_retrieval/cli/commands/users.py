@@ -40,19 +40,15 @@ def _password(args: argparse.Namespace) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ...server.store_pg import is_postgres_url
     from ...server.users import Users
 
     if args.action in ("add", "remove") and not args.name:
         raise ConfigError(f"users {args.action} needs a NAME")
-    if is_postgres_url(args.db):
-        raise ConfigError("console accounts are kept in a SQLite --db; PostgreSQL does not hold them yet "
-                          "(expected --db FILE, the one the server with --http uses)")
     users = Users(args.db)
     try:
         if args.action == "add":
             users.add(args.name, args.role, _password(args), replace=args.replace)
-            print(f"user {args.name} ({args.role}) saved in {users.path}")
+            print(f"user {args.name} ({args.role}) saved in {users.where}")
         elif args.action == "remove":
             users.remove(args.name)
             print(f"user {args.name} removed")
