@@ -5,8 +5,8 @@ turned into psycopg's ``%s``); only what SQLite spells differently is written he
 (BIGSERIAL, DOUBLE PRECISION), the detection merge and the console's change feed (GREATEST), and
 the migrations (detections and clips keyed by ``(device, event_id)``, 64-bit alert versions).
 ``PgDb`` is the connection; the console's users, sessions and feedback open one too
-(server/side_db.py). Every write is an upsert by key inside one statement, so two servers storing the same (redelivered) event race safely and
-it is stored once. Chosen by ``--db postgresql://...``; needs ``pip install 'edge-retrieval[scale]'``.
+(server/side_db.py). Every write is an upsert by key inside one statement, so two servers
+storing the same (redelivered) event race safely and it is stored once. Chosen by ``--db postgresql://...``; needs ``pip install 'edge-retrieval[scale]'``.
 """
 
 from __future__ import annotations

@@ -92,7 +92,6 @@ def _console(args: argparse.Namespace, store: object, srv: object) -> object:
     """The console over this server's store and alerts; alerts can be added when --bundle has its text side."""
     from ...console import Console, HttpServer, make_app
     from ...server.feedback import Feedback
-    from ...server.store_pg import is_postgres_url
     from ...server.users import Users
 
     builder = None
@@ -105,11 +104,10 @@ def _console(args: argparse.Namespace, store: object, srv: object) -> object:
             builder = QueryBuilder(load_bundle(args.bundle, part="all"))
         except BundleError as exc:
             log.warning("console: alerts cannot be added (%s)", exc)
-    db = args.db if is_postgres_url(args.db) else store.path  # type: ignore[attr-defined]
-    users = Users(db)  # the console's tables live in the server's own database, SQLite or PostgreSQL
+    users = Users(args.db)  # the console's tables live in the server's own --db, SQLite or PostgreSQL
     if not users.list():
         log.warning("console: no account yet; create one with: edge-retrieval users add NAME --role ranger")
-    fb = Feedback(db, srv.alerts)  # type: ignore[attr-defined]
+    fb = Feedback(args.db, srv.alerts)  # type: ignore[attr-defined]
     srv.event_listeners.append(fb.on_event)  # type: ignore[attr-defined]
     console = Console(store, srv.alerts, fb, users, builder=builder,  # type: ignore[arg-type, attr-defined]
                       secure_cookies=bool(args.http_cert) or args.http_behind_tls)
