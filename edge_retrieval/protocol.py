@@ -45,6 +45,11 @@ MAX_FIELD_CHARS = 256  # free-text fields of device messages (source, clip, site
 MAX_DEVICE_MESSAGE_BYTES = 64 * 1024  # largest event or status payload a server reads
 MAX_CLOCK_SKEW_S = 300.0  # a query "created" further ahead of the device's clock waits (clock behind)
 MAX_EXAMPLES = 32  # feedback windows (negatives or positives) per query
+# windows of one event sent for feedback (its peak and others spread over it; chosen on the dev half
+# by scripts/feedback_cv.py: one window removed 3 of 11 false events, 4 removed 5, none lost) and
+# the most a server reads
+FEEDBACK_WINDOWS = 4
+MAX_EVENT_WINDOWS = 8
 
 
 def utcnow() -> str:
@@ -495,6 +500,10 @@ class Event(_WireMessage):
     # the peak window's vector per expert (f16 embeddings, top-k sparse labels), on the final
     # update: what a "false alarm" or "correct" feedback adds to the alert
     vectors: list[VectorPayload] | None = Field(default=None, max_length=16)
+    # on the final update too: up to FEEDBACK_WINDOWS windows of the event, the peak first, the
+    # others spread over its length (a long false alarm does not sound the same throughout);
+    # feedback adds all of them (an event without it falls back to ``vectors``)
+    windows: list[Example] | None = Field(default=None, max_length=MAX_EVENT_WINDOWS)
     relation: Literal["sequence", "overlap"] | None = None  # temporal queries only
     within_s: float | None = None  # temporal queries only
     parts: list[EventPart] | None = None  # temporal queries only: each part's event, in time order

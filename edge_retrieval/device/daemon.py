@@ -39,7 +39,7 @@ from ..pipeline.matcher import Matcher
 from ..pipeline.temporal import temporal_fields
 from ..pipeline.windows import Tick
 from ..policy import PolicyOverlay
-from ..protocol import MAX_FIELD_CHARS, Event, QueryMessage
+from ..protocol import MAX_DEVICE_MESSAGE_BYTES, MAX_FIELD_CHARS, Event, QueryMessage
 from .clips import ClipWriter
 from .ringbuffer import AudioHistory
 from .sinks import Sink
@@ -323,16 +323,23 @@ class Daemon:
             site=self.site,
             lat=self.lat,
             lon=self.lon,
-            vectors=self._vectors(tr),
+            **self._feedback_windows(tr),
             **temporal_fields(ev),
         )
 
-    def _vectors(self, tr: Transition) -> list[Any] | None:
-        """The final update carries its peak window's vectors (feedback adds them to the alert)."""
+    def _feedback_windows(self, tr: Transition) -> dict[str, Any]:
+        """The final update carries its peak window's vectors and a few windows spread over the
+        event (feedback adds them to the alert); an update that would be too big sends fewer."""
         if not tr.final:
-            return None
-        ex = self.pipeline.event_example(tr.event)
-        return list(ex.vectors) if ex is not None else None
+            return {}
+        exs = self.pipeline.event_examples(tr.event)
+        if not exs:
+            return {}
+        # an event must stay readable by the server (MAX_DEVICE_MESSAGE_BYTES with the other fields)
+        while len(exs) > 1 and sum(len(e.model_dump_json()) for e in exs) * 2 + 4096 > MAX_DEVICE_MESSAGE_BYTES:
+            exs = exs[:-1]
+        return {"vectors": list(exs[0].vectors),
+                "windows": [e.model_copy(update={"event_id": None}) for e in exs]}
 
     def _transition(self, tr: Transition) -> None:
         ev = self._event(tr)

@@ -28,7 +28,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..errors import EdgeRetrievalError, EncoderError, QueryRejected
 from ..policy import PolicyOverlay
-from ..protocol import Example, QueryMessage
+from ..protocol import FEEDBACK_WINDOWS, Example, QueryMessage
 from .detector import ActiveEvent, Detector, Transition
 from .expert import AudioExpert, load_experts
 from .feedback import window_example
@@ -251,16 +251,37 @@ class Pipeline:
         self.encoded += len(keep)
         return snap, rows
 
-    def event_example(self, ev: ActiveEvent) -> Example | None:
-        """The vectors of ``ev``'s best-scoring window still held (``keep_vectors``), or None."""
-        best: tuple[float, dict[str, np.ndarray]] | None = None
+    def _event_windows(self, ev: ActiveEvent) -> tuple[list[dict[str, np.ndarray]], int | None]:
+        """The held windows overlapping ``ev`` (stream order) and the index of its best-scoring one."""
+        held: list[dict[str, np.ndarray]] = []
+        best: tuple[float, int] | None = None
         for start_s, end_s, ids, row, vecs in self._recent:
             if end_s <= ev.start_s or start_s >= ev.end_s or ev.query_id not in ids:
                 continue
             s = float(row[ids.index(ev.query_id)])
             if s == s and (best is None or s > best[0]):  # NaN (suppressed) never wins
-                best = (s, vecs)
-        return window_example(self.bundle.manifest, best[1], ev.event_id) if best else None
+                best = (s, len(held))
+            held.append(vecs)
+        return held, (best[1] if best else None)
+
+    def event_example(self, ev: ActiveEvent) -> Example | None:
+        """The vectors of ``ev``'s best-scoring window still held (``keep_vectors``), or None."""
+        held, peak = self._event_windows(ev)
+        return window_example(self.bundle.manifest, held[peak], ev.event_id) if peak is not None else None
+
+    def event_examples(self, ev: ActiveEvent, k: int = FEEDBACK_WINDOWS) -> list[Example]:
+        """Up to ``k`` windows of ``ev`` still held: the peak first, then ones spread evenly over the
+        event (its first and last included), what a "false alarm" adds as negatives; [] without a peak."""
+        held, peak = self._event_windows(ev)
+        if peak is None or k < 1:
+            return []
+        picks = list(range(len(held)))
+        if len(picks) > k:
+            picks = sorted({int(round(t)) for t in np.linspace(0, len(held) - 1, k)})
+        if peak not in picks:
+            picks = picks[: k - 1]
+        rest = [i for i in picks if i != peak]
+        return [window_example(self.bundle.manifest, held[i], ev.event_id) for i in [peak, *rest]]
 
     def detect(self, snap: Snapshot, ticks: Sequence[Tick], rows: Rows) -> list[Transition]:
         """The detector over scored ticks (in stream order)."""

@@ -1,21 +1,30 @@
 """Feedback and revisions of an alert: re-sign the stored query message with a new version.
 
-A detection's final update carries its peak window's vectors (``Event.vectors``); they are kept
-beside the detection. "false alarm" adds them to the alert's ``negatives``, "correct" to its
-``positives`` (the newest ``MAX_EXAMPLES`` are kept), and the alert is published again with a
-higher version, so every device swaps the query in place (pipeline/feedback.py decides what a
-negative suppresses). A new threshold is the same revision path.
+A detection's final update carries a few of its windows' vectors (``Event.windows``: the peak
+first, the others spread over the event; an older device sends only the peak, ``Event.vectors``);
+they are kept beside the detection. "false alarm" adds them all to the alert's ``negatives``,
+"correct" to its ``positives`` (the newest ``MAX_EXAMPLES`` are kept, fewer when the signed message
+would pass ``MAX_QUERY_BYTES``), and the alert is published again with a higher version, so every
+device swaps the query in place (pipeline/feedback.py decides what a negative suppresses). A new
+threshold is the same revision path.
+
+Windows come from devices and are untrusted: one whose experts or encodings do not match the
+alert's own vectors is left out (and a detection with none left is refused), so a bad device can
+never publish a query that the fleet would reject.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from ..bundle import Manifest
 from ..errors import ConfigError, QueryRejected
-from ..protocol import MAX_EXAMPLES, Event, Example, QueryMessage, VectorPayload, utcnow
+from ..pipeline.feedback import decode_example
+from ..protocol import MAX_EXAMPLES, MAX_QUERY_BYTES, Event, Example, QueryMessage, VectorPayload, utcnow
 from .alerts import AlertManager, next_version
 from .side_db import open_side_db
 
@@ -48,17 +57,22 @@ class Feedback:
         return self._sql.exec(sql, args)
 
     def on_event(self, ev: Event, new: bool) -> None:
-        """FleetServer listener: keep the vectors an event carries (its final update has them)."""
-        if ev.vectors:
-            payload = json.dumps([v.model_dump(mode="json", exclude_none=True) for v in ev.vectors])
+        """FleetServer listener: keep the windows an event carries (its final update has them)."""
+        windows = [list(w.vectors) for w in ev.windows] if ev.windows else [list(ev.vectors)] if ev.vectors else []
+        if windows:
+            payload = json.dumps({"windows": [[v.model_dump(mode="json", exclude_none=True) for v in w]
+                                              for w in windows]})
             self._exec("INSERT INTO event_vectors VALUES (?,?,?) ON CONFLICT(device, event_id) DO UPDATE SET "
                        "vectors=excluded.vectors", (ev.device, ev.event_id, payload))
 
-    def example(self, device: str, event_id: str) -> Example | None:
+    def examples(self, device: str, event_id: str) -> list[Example]:
+        """The windows kept for a detection, the peak first ([] when none arrived)."""
         r = self._exec("SELECT vectors FROM event_vectors WHERE device=? AND event_id=?", (device, event_id)).fetchone()
         if r is None:
-            return None
-        return Example(vectors=[VectorPayload.model_validate(v) for v in json.loads(r[0])], event_id=event_id)
+            return []
+        doc = json.loads(r[0])
+        windows = doc["windows"] if isinstance(doc, dict) else [doc]  # a list: one window (before windows)
+        return [Example(vectors=[VectorPayload.model_validate(v) for v in w], event_id=event_id) for w in windows]
 
     def given(self, device: str, event_id: str) -> list[dict[str, Any]]:
         rows = self._exec("SELECT time, \"user\", kind, version FROM feedback WHERE device=? AND event_id=? ORDER BY id",
@@ -74,8 +88,8 @@ class Feedback:
 
     # ------------------------------------------------------------------ revisions
 
-    def revise(self, alert_id: str, *, threshold: float | None = None, negative: Example | None = None,
-               positive: Example | None = None) -> dict[str, Any]:
+    def revise(self, alert_id: str, *, threshold: float | None = None, negative: Sequence[Example] = (),
+               positive: Sequence[Example] = ()) -> dict[str, Any]:
         """Publish the alert again, re-signed with a new version, with the given changes."""
         held = self.alerts.store.alert(alert_id)
         if held is None or held["deleted"]:
@@ -87,23 +101,33 @@ class Feedback:
             if not lo <= threshold <= 1.0:
                 raise QueryRejected(f"threshold {threshold!r} is out of range [{lo}, 1]")
             upd["threshold"] = float(threshold)
-        if negative is not None:
-            upd["negatives"] = [*msg.negatives, negative][-MAX_EXAMPLES:]
-        if positive is not None:
-            upd["positives"] = [*msg.positives, positive][-MAX_EXAMPLES:]
+        if negative or positive:
+            if not msg.vectors:
+                raise QueryRejected(f"alert {alert_id!r} is a temporal query: feedback applies to plain queries")
+            builder = self.alerts.builder
+            manifest = builder.bundle.manifest if builder is not None else None
+            negative, positive = fitting(msg, negative, manifest), fitting(msg, positive, manifest)
+            if not negative and not positive:
+                raise QueryRejected(f"the detection's windows do not match alert {alert_id!r}'s experts "
+                                    f"({sorted(v.expert for v in msg.vectors)})")
+            upd["negatives"] = [*msg.negatives, *negative][-MAX_EXAMPLES:]
+            upd["positives"] = [*msg.positives, *positive][-MAX_EXAMPLES:]
         new = QueryMessage.model_validate({**msg.model_dump(by_alias=True), **upd})
+        while len(new.to_json()) > MAX_QUERY_BYTES - 1024 and (new.negatives or new.positives):  # room to sign
+            field = "negatives" if len(new.negatives) >= len(new.positives) else "positives"
+            new = new.model_copy(update={field: list(getattr(new, field))[1:]})  # the oldest goes first
         return self.alerts.publish(new, held["target_kind"], held["target"])
 
     def give(self, user: str, detection: dict[str, Any], kind: Kind) -> dict[str, Any]:
         """Apply "false alarm" or "correct" to a stored detection; returns the revised alert."""
         if kind not in ("false_alarm", "correct"):
             raise ConfigError(f"feedback kind {kind!r} is not valid (expected false_alarm or correct)")
-        ex = self.example(detection["device"], detection["event_id"])
-        if ex is None:
+        exs = self.examples(detection["device"], detection["event_id"])
+        if not exs:
             raise QueryRejected(f"detection {detection['event_id']!r} carries no window vector yet "
                                 "(its final update has not arrived, or its device predates feedback)")
-        alert = self.revise(detection["query_id"], negative=ex if kind == "false_alarm" else None,
-                            positive=ex if kind == "correct" else None)
+        alert = self.revise(detection["query_id"], negative=exs if kind == "false_alarm" else (),
+                            positive=exs if kind == "correct" else ())
         self._exec("INSERT INTO feedback (time, \"user\", device, event_id, alert_id, kind, version) VALUES (?,?,?,?,?,?,?)",
                    (utcnow(), user, detection["device"], detection["event_id"], detection["query_id"], kind,
                     alert["version"]))
@@ -113,3 +137,23 @@ class Feedback:
 
     def close(self) -> None:
         self._sql.close()
+
+
+def fitting(msg: QueryMessage, examples: Sequence[Example], manifest: Manifest | None = None) -> list[Example]:
+    """The examples a device will accept on ``msg``: the same experts, each sparse where the query's
+    vector is sparse and of its dimension where dense; with the bundle of ``msg``'s space, decoded
+    exactly as the device does (label indices in range, no all-zero vector)."""
+    want = {v.expert: (v.encoding == "sparse", v.dim) for v in msg.vectors}
+    ok = [ex for ex in examples if len(ex.vectors) == len(want)
+          and {v.expert: (v.encoding == "sparse", v.dim) for v in ex.vectors} == want]
+    if manifest is None or manifest.space.id != msg.space_id:
+        return ok
+    out = []
+    for ex in ok:
+        try:
+            decode_example(ex, manifest, "feedback window")
+        except QueryRejected as exc:
+            log.warning("feedback window of %s left out: %s", ex.event_id, exc)
+            continue
+        out.append(ex)
+    return out
