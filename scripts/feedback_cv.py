@@ -4,18 +4,24 @@ Feedback (pipeline/feedback.py) suppresses a window whose cosine to a negative i
 MIN_NEGATIVE_SIMILARITY and above its cosine to the query. This script chose that floor on the
 fixture's DEV half only: the dev clips are split in two folds by package (so the folds hold
 different recordings, as dev and test do); for each query (the fixed detection queries plus one
-per remaining fixture category) the first false event of fold A gives its peak window as the
-query's one negative, and fold B is scored without and with it (then B -> A). Rules are
+per remaining fixture category) the first false event of fold A gives its negatives, the windows
+a device sends with it (``Pipeline.event_examples``: the peak, then windows spread over the
+event, K in all), and fold B is scored without and with them (then B -> A). Rules are
 simulated on cached per-window vectors with the real matcher and detector; printed per rule: the
 false events of those queries before -> after and the true events before -> after.
+
+K, the number of windows an event carries (``protocol.FEEDBACK_WINDOWS``), was chosen with this
+grid on the default bundle: the smallest K that reaches the most false events removed without a
+true event lost (K = 1, the peak alone, removed 3 of 11; K = 4 removed 5).
 
 Also printed: the same with a floor on the experts' EMBEDDING outputs (cosine of the 1,024-d
 embeddings, mixed with the query's expert weights), the alternative considered and not taken
 (a fixed embedding floor costs many more true events on dev for the false events it removes).
 
 With --write, the labels floor chosen goes to edge_retrieval/data/default_policy.json as the
-space's ``feedback_floor`` (with the dev numbers): of the floors that lose no true event on dev,
-the one that removes the most false events; among equals, the highest (the most cautious).
+space's ``feedback_floor`` (with the dev numbers): at K = FEEDBACK_WINDOWS, of the floors that
+lose no true event on dev, the one that removes the most false events; among equals, the highest
+(the most cautious).
 
 Usage: .venv/bin/python scripts/feedback_cv.py [--bundle DIR] [--cache FILE] [--write]
 """
@@ -43,6 +49,7 @@ from edge_retrieval.pipeline.detector import Detector
 from edge_retrieval.pipeline.expert import AudioExpert
 from edge_retrieval.pipeline.feedback import decode_example, window_example
 from edge_retrieval.pipeline.matcher import compile_query
+from edge_retrieval.protocol import FEEDBACK_WINDOWS
 from edge_retrieval.text import QueryBuilder
 
 _ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,6 +208,21 @@ def sims(fi, cq, neg):
     return out
 
 
+def event_rows(fi: int, s: float, e: float, peak: int, k: int) -> list[int]:
+    """The kept rows a device sends for the event [s, e) (``Pipeline.event_examples``): the peak,
+    then up to k - 1 more spread evenly over the event's windows."""
+    d = data[fi]
+    pos = {i: j for j, i in enumerate(d["idx"])}
+    held = [pos[i] for i, (a, b) in enumerate(d["spans"]) if a < e and b > s and i in pos]
+    picks = list(range(len(held)))
+    if len(picks) > k:
+        picks = sorted({int(round(t)) for t in np.linspace(0, len(held) - 1, k)})
+    p = held.index(peak)
+    if p not in picks:
+        picks = picks[: k - 1]
+    return [peak] + [held[i] for i in picks if i != p]
+
+
 def rule(space: str, floor: float, s: dict[str, np.ndarray]) -> np.ndarray:
     """Suppressed windows: labels as on the device (floor and above the query), or embeddings."""
     if space == "lab":
@@ -208,8 +230,8 @@ def rule(space: str, floor: float, s: dict[str, np.ndarray]) -> np.ndarray:
     return s["emb"] >= floor
 
 
-def score_rule(rule, verbose=False):
-    """Sum over (A->B) of false events before/after, true events before/after."""
+def score_rule(rule, k: int = FEEDBACK_WINDOWS, verbose=False):
+    """Sum over (A->B) of false events before/after, true events before/after (k windows a click)."""
     tot = dict(fp0=0, fp1=0, tp0=0, tp1=0, nneg=0)
     per = []
     for a, b in ((0, 1), (1, 0)):
@@ -219,13 +241,14 @@ def score_rule(rule, verbose=False):
             truth = data[a]["truth"][q]
             for s, e, j in sorted(base[a][q]):
                 if j is not None and match_events([(s, e)], truth)[1]:
-                    negs[q] = dict(lab=label_unit(a, j), emb={k: v[j] for k, v in data[a]["emb"].items()})
+                    negs[q] = [dict(lab=label_unit(a, r), emb={n: v[r] for n, v in data[a]["emb"].items()})
+                               for r in event_rows(a, s, e, j, k)]
                     break
-        for q, neg in negs.items():
+        for q, rows in negs.items():
             cq = cqs[int(q[1:])]
-            sm = sims(b, cq, neg)
-            mask[:, col[q]] = rule(sm)
-        tot["nneg"] += len(negs)
+            for neg in rows:
+                mask[:, col[q]] |= rule(sims(b, cq, neg))
+            tot["nneg"] += len(rows)
         after = events(b, mask)
         for q in negs:
             truth = data[b]["truth"][q]
@@ -252,20 +275,29 @@ if __name__ == "__main__":
     if all(s.extra_outputs for s in bundle.manifest.device.experts):
         rules.update({f"embeddings>={fl}": ("emb", fl) for fl in floors})
     results = {}
-    for name, (space, fl) in rules.items():
-        t = score_rule(functools.partial(rule, space, fl))
-        results[(space, fl)] = t
-        fr = (t["fp0"] - t["fp1"]) / max(t["fp0"], 1)
-        tl = (t["tp0"] - t["tp1"]) / max(t["tp0"], 1)
-        print(f"{name:<24} negs {t['nneg']} fp {t['fp0']}->{t['fp1']} ({fr:.0%} removed) "
-              f"tp {t['tp0']}->{t['tp1']} ({tl:.1%} lost)")
-    safe = [(t["fp0"] - t["fp1"], fl) for (space, fl), t in results.items() if space == "lab" and t["tp1"] >= t["tp0"]]
+    for k in sorted({1, 2, 3, 4, 5, 6, 8, FEEDBACK_WINDOWS}):
+        for name, (space, fl) in rules.items():
+            if space == "emb" and k != FEEDBACK_WINDOWS:
+                continue
+            t = score_rule(functools.partial(rule, space, fl), k)
+            results[(k, space, fl)] = t
+            fr = (t["fp0"] - t["fp1"]) / max(t["fp0"], 1)
+            tl = (t["tp0"] - t["tp1"]) / max(t["tp0"], 1)
+            print(f"K={k} {name:<24} negs {t['nneg']} fp {t['fp0']}->{t['fp1']} ({fr:.0%} removed) "
+                  f"tp {t['tp0']}->{t['tp1']} ({tl:.1%} lost)")
+    safe = {key: t["fp0"] - t["fp1"] for key, t in results.items() if key[1] == "lab" and t["tp1"] >= t["tp0"]}
     if not safe:
         raise SystemExit("feedback_cv: every labels floor loses a true event on dev; nothing chosen")
-    floor = max(safe)[1]
-    t = results[("lab", floor)]
-    print(f"chosen: labels floor {floor} (dev folds: false events {t['fp0']} -> {t['fp1']}, "
-          f"true events {t['tp0']} -> {t['tp1']})")
+    best_k = min(k for (k, _, _), n in safe.items() if n == max(safe.values()))
+    print(f"the smallest K removing the most without loss ({max(safe.values())} false events): {best_k} "
+          f"(protocol.FEEDBACK_WINDOWS = {FEEDBACK_WINDOWS})")
+    at_k = [(n, fl) for (k, _, fl), n in safe.items() if k == FEEDBACK_WINDOWS]
+    if not at_k:
+        raise SystemExit(f"feedback_cv: at K={FEEDBACK_WINDOWS} every labels floor loses a true event on dev")
+    floor = max(at_k)[1]
+    t = results[(FEEDBACK_WINDOWS, "lab", floor)]
+    print(f"chosen: labels floor {floor} at K={FEEDBACK_WINDOWS} (dev folds: false events {t['fp0']} -> "
+          f"{t['fp1']}, true events {t['tp0']} -> {t['tp1']})")
     if ARGS.write:
         out = REPO / "edge_retrieval" / "data" / "default_policy.json"
         doc = json.loads(out.read_text("utf-8"))
@@ -273,8 +305,10 @@ if __name__ == "__main__":
         entry["feedback_floor"] = floor
         entry["feedback_cv"] = {
             "method": "scripts/feedback_cv.py: dev half in 2 folds by package, first false event of each "
-                      "query in one fold as its negative, scored on the other (both ways)",
-            "queries": len(texts), "negatives": t["nneg"], "false_events": [t["fp0"], t["fp1"]],
+                      "query in one fold as its negatives (its windows a device sends), scored on the other "
+                      "(both ways)",
+            "windows": FEEDBACK_WINDOWS, "queries": len(texts), "negatives": t["nneg"],
+            "false_events": [t["fp0"], t["fp1"]],
             "true_events": [t["tp0"], t["tp1"]],
         }
         out.write_text(json.dumps(doc, indent=2) + "\n", "utf-8")

@@ -5,8 +5,8 @@ and policy (``defaults.tuned_for``) through the device's ``Pipeline`` over the d
 clips of data/fixture.csv shuffled with seed 0, ``scenes.build_stream``, as tune_defaults; the
 test stream as tests/test_fixture_quality.py, seed 1). For each query the
 first event that matches no clip of its categories (a false alarm, ``scenes.match_events``)
-gives its peak window's vectors (``Pipeline.event_example``, what the device sends with the
-event) as the query's one negative. The test stream is then run once with each query twice:
+gives the windows a device sends with the event (``Pipeline.event_examples``: the peak, then
+windows spread over it, ``protocol.FEEDBACK_WINDOWS`` in all) as the query's negatives. The test stream is then run once with each query twice:
 as shipped, and with its negative (pipeline/feedback.py decides suppression). Printed: per
 query and in total, false events before/after (share removed) and true events and clips found
 before/after (share lost). Nothing here asserts; the README quotes the table.
@@ -38,7 +38,7 @@ from edge_retrieval.offline.scenes import (
     read_fixture,
 )
 from edge_retrieval.pipeline import Pipeline
-from edge_retrieval.protocol import Example, QueryMessage
+from edge_retrieval.protocol import MAX_EXAMPLES, Example, QueryMessage
 from edge_retrieval.text import QueryBuilder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,7 +46,7 @@ BLOCK_S = 5.0
 
 
 def run(bundle: Bundle, x: np.ndarray, rate: int, msgs: list[QueryMessage]) -> tuple[dict[str, list], dict[str, int]]:
-    """Feed ``x`` through one Pipeline: query id -> [(start_s, end_s, Example | None)] of its events."""
+    """Feed ``x`` through one Pipeline: query id -> [(start_s, end_s, [Example])] of its events."""
     pipe = Pipeline(bundle, msgs, default_policy(bundle), sample_rate=rate, keep_vectors=1_000_000)
     out: dict[str, list] = {m.query_id: [] for m in msgs}
     step = int(BLOCK_S * rate)
@@ -56,7 +56,7 @@ def run(bundle: Bundle, x: np.ndarray, rate: int, msgs: list[QueryMessage]) -> t
     trs.extend(pipe.close())
     for tr in trs:
         if tr.final:
-            out[tr.event.query_id].append((tr.event.start_s, tr.event.end_s, pipe.event_example(tr.event)))
+            out[tr.event.query_id].append((tr.event.start_s, tr.event.end_s, pipe.event_examples(tr.event)))
     return out, dict(pipe.suppressed)
 
 
@@ -112,28 +112,28 @@ def main(argv: list[str] | None = None) -> int:
 
     x, segs, rate = stream(bundle, args.fixture, "dev")
     dev, _ = run(bundle, x, rate, msgs)
-    negatives: dict[str, Example] = {}
+    negatives: dict[str, list[Example]] = {}
     for qid, evs in dev.items():
         truth = [(s.start_s, s.end_s) for s in segs if s.clip.category in cats[qid]]
-        for a, b, ex in sorted(evs, key=lambda e: e[0]):
-            if match_events([(a, b)], truth)[1] and ex is not None:  # a false positive on its own
-                negatives[qid] = ex
+        for a, b, exs in sorted(evs, key=lambda e: e[0]):
+            if match_events([(a, b)], truth)[1] and exs:  # a false positive on its own
+                negatives[qid] = exs
                 break
     print(f"dev: {x.size / rate:.0f} s; a false alarm to mark for {len(negatives)} of {len(msgs)} queries",
           file=sys.stderr)
 
-    fb = [m.model_copy(update={"query_id": "f" + m.query_id[1:], "negatives": [negatives[m.query_id]]})
+    fb = [m.model_copy(update={"query_id": "f" + m.query_id[1:], "negatives": negatives[m.query_id]})
           for m in msgs if m.query_id in negatives]
     xt, segs_t, _ = stream(bundle, args.fixture, "test")
     test, suppressed = run(bundle, xt, rate, msgs + fb)
-    print(f"test: {xt.size / rate:.0f} s, bundle {bundle.manifest.name}; one negative per query (its first "
+    print(f"test: {xt.size / rate:.0f} s, bundle {bundle.manifest.name}; one false alarm marked per query (its first "
           "false alarm on dev)")
     table(msgs, texts, test, segs_t, cats, set(negatives), suppressed)
 
     every: dict[str, list[Example]] = {}
     for qid, evs in dev.items():
         truth = [(s.start_s, s.end_s) for s in segs if s.clip.category in cats[qid]]
-        every[qid] = [ex for a, b, ex in evs if ex is not None and match_events([(a, b)], truth)[1]][:32]
+        every[qid] = [ex for a, b, exs in evs if match_events([(a, b)], truth)[1] for ex in exs][-MAX_EXAMPLES:]
     fb_all = [m.model_copy(update={"query_id": "f" + m.query_id[1:], "negatives": every[m.query_id]})
               for m in msgs if every[m.query_id]]
     again, suppressed = run(bundle, x, rate, msgs + fb_all)
