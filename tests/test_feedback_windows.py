@@ -113,6 +113,12 @@ def test_a_false_alarm_adds_every_window_that_fits(tmp_path: Path, broker, tiny_
         back = parse_query_message(alert["message"].encode())  # what a device reads
         assert len(back.negatives) == 2 and [p.event_id for p in back.positives] == ["e2"]
 
+        # a row stored by the previous server version: one window as a plain list
+        legacy = json.dumps([v.model_dump(mode="json", exclude_none=True) for v in peak.vectors])
+        fb._exec("INSERT INTO event_vectors VALUES (?,?,?)", ("dev1", "e0", legacy))
+        assert [e.vectors for e in fb.examples("dev1", "e0")] == [peak.vectors]
+        assert fb.examples("dev1", "nope") == []
+
         # nothing that fits: refused with the reason, the alert unchanged
         fb.on_event(Event(event_id="e3", windows=[wrong_expert, out_of_range], **kw), True)
         with pytest.raises(QueryRejected, match="do not match alert 'beep'"):
