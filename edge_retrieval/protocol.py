@@ -497,12 +497,12 @@ class Event(_WireMessage):
     site: str | None = Field(default=None, max_length=MAX_FIELD_CHARS)
     lat: float | None = Field(default=None, ge=-90, le=90)
     lon: float | None = Field(default=None, ge=-180, le=180)
-    # the peak window's vector per expert (f16 embeddings, top-k sparse labels), on the final
-    # update: what a "false alarm" or "correct" feedback adds to the alert
+    # the peak window's vector per expert (f16 embeddings, top-k sparse labels) on the final
+    # update, as devices sent it before ``windows``: a server still reads it from them
     vectors: list[VectorPayload] | None = Field(default=None, max_length=16)
-    # on the final update too: up to FEEDBACK_WINDOWS windows of the event, the peak first, the
-    # others spread over its length (a long false alarm does not sound the same throughout);
-    # feedback adds all of them (an event without it falls back to ``vectors``)
+    # on the final update: up to FEEDBACK_WINDOWS windows of the event in that form, the peak
+    # first, the others spread over its length (a long false alarm does not sound the same
+    # throughout); what a "false alarm" or "correct" feedback adds to the alert
     windows: list[Example] | None = Field(default=None, max_length=MAX_EVENT_WINDOWS)
     relation: Literal["sequence", "overlap"] | None = None  # temporal queries only
     within_s: float | None = None  # temporal queries only

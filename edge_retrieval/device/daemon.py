@@ -328,18 +328,14 @@ class Daemon:
         )
 
     def _feedback_windows(self, tr: Transition) -> dict[str, Any]:
-        """The final update carries its peak window's vectors and a few windows spread over the
-        event (feedback adds them to the alert); an update that would be too big sends fewer."""
+        """The final update carries a few windows of the event, the peak first (feedback adds them
+        to the alert); fewer when the update would not fit in a device message with its other fields."""
         if not tr.final:
             return {}
-        exs = self.pipeline.event_examples(tr.event)
-        if not exs:
-            return {}
-        # an event must stay readable by the server (MAX_DEVICE_MESSAGE_BYTES with the other fields)
-        while len(exs) > 1 and sum(len(e.model_dump_json()) for e in exs) * 2 + 4096 > MAX_DEVICE_MESSAGE_BYTES:
+        exs = [e.model_copy(update={"event_id": None}) for e in self.pipeline.event_examples(tr.event)]
+        while len(exs) > 1 and sum(len(e.model_dump_json()) for e in exs) + 4096 > MAX_DEVICE_MESSAGE_BYTES:
             exs = exs[:-1]
-        return {"vectors": list(exs[0].vectors),
-                "windows": [e.model_copy(update={"event_id": None}) for e in exs]}
+        return {"windows": exs} if exs else {}
 
     def _transition(self, tr: Transition) -> None:
         ev = self._event(tr)

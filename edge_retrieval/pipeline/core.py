@@ -75,7 +75,7 @@ class Pipeline:
         """``sample_rate``: rate of the samples fed (default: the longest-window expert's rate).
 
         ``keep_vectors``: how many recent encoded ticks keep their vectors (ticks), so an event
-        can carry its peak window (``event_example``); 0 keeps none.
+        can carry its windows (``event_examples``); 0 keeps none.
         """
         m = bundle.manifest
         self.bundle = bundle
@@ -251,8 +251,10 @@ class Pipeline:
         self.encoded += len(keep)
         return snap, rows
 
-    def _event_windows(self, ev: ActiveEvent) -> tuple[list[dict[str, np.ndarray]], int | None]:
-        """The held windows overlapping ``ev`` (stream order) and the index of its best-scoring one."""
+    def event_examples(self, ev: ActiveEvent, k: int = FEEDBACK_WINDOWS) -> list[Example]:
+        """Up to ``k`` windows of ``ev`` still held (``keep_vectors``), what a "false alarm" adds as
+        negatives: its best-scoring window first, then ones spread evenly over the event (its first
+        and last included); [] when none is held."""
         held: list[dict[str, np.ndarray]] = []
         best: tuple[float, int] | None = None
         for start_s, end_s, ids, row, vecs in self._recent:
@@ -262,26 +264,16 @@ class Pipeline:
             if s == s and (best is None or s > best[0]):  # NaN (suppressed) never wins
                 best = (s, len(held))
             held.append(vecs)
-        return held, (best[1] if best else None)
-
-    def event_example(self, ev: ActiveEvent) -> Example | None:
-        """The vectors of ``ev``'s best-scoring window still held (``keep_vectors``), or None."""
-        held, peak = self._event_windows(ev)
-        return window_example(self.bundle.manifest, held[peak], ev.event_id) if peak is not None else None
-
-    def event_examples(self, ev: ActiveEvent, k: int = FEEDBACK_WINDOWS) -> list[Example]:
-        """Up to ``k`` windows of ``ev`` still held: the peak first, then ones spread evenly over the
-        event (its first and last included), what a "false alarm" adds as negatives; [] without a peak."""
-        held, peak = self._event_windows(ev)
-        if peak is None or k < 1:
+        if best is None or k < 1:
             return []
+        peak = best[1]
         picks = list(range(len(held)))
         if len(picks) > k:
             picks = sorted({int(round(t)) for t in np.linspace(0, len(held) - 1, k)})
         if peak not in picks:
             picks = picks[: k - 1]
-        rest = [i for i in picks if i != peak]
-        return [window_example(self.bundle.manifest, held[i], ev.event_id) for i in [peak, *rest]]
+        return [window_example(self.bundle.manifest, held[i], ev.event_id)
+                for i in [peak, *(i for i in picks if i != peak)]]
 
     def detect(self, snap: Snapshot, ticks: Sequence[Tick], rows: Rows) -> list[Transition]:
         """The detector over scored ticks (in stream order)."""

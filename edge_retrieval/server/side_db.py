@@ -11,26 +11,33 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError
-from .store_pg import PgDb, is_postgres_url
 
 _SCHEMA_LOCK = 0x6564676553  # advisory lock key held while creating the console's tables
 
 
 class SqliteDb:
-    """One SQLite file of the server's, its schema applied."""
+    """One SQLite file of the server's (WAL), every statement under one lock: the SQLite twin of
+    ``store_pg.PgDb``. ``settings`` run first, then ``prepare(connection)`` (a migration), then
+    the schema. The server store and the console's tables each open one."""
 
-    def __init__(self, path: str | Path, schema: str) -> None:
+    def __init__(self, path: str | Path, schema: str, *, settings: tuple[str, ...] = (),
+                 prepare: Callable[[sqlite3.Connection], None] | None = None) -> None:
         self.path = Path(path).expanduser()
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=15)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(schema)
+            self.conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=15)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            for stmt in settings:
+                self.conn.execute(stmt)
+            if prepare is not None:
+                prepare(self.conn)
+            self.conn.executescript(schema)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open server database {str(self.path)!r}: {exc}") from exc
 
@@ -39,18 +46,24 @@ class SqliteDb:
 
     def exec(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         try:
-            with self._lock:
-                return self._db.execute(sql, args)
+            with self.lock:
+                return self.conn.execute(sql, args)
         except sqlite3.Error as exc:
             raise StoreError(f"server database {str(self.path)!r}: {exc}") from exc
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        with self.lock:
+            try:
+                self.conn.close()
+            except sqlite3.Error:
+                pass
 
 
-def open_side_db(db: str | Path, sqlite_schema: str, pg_schema: str) -> SqliteDb | PgDb:
-    """``--db`` (a SQLite path or a postgresql:// URL) with the tables of ``*_schema`` created."""
+def open_side_db(db: str | Path, sqlite_schema: str, pg_schema: str) -> Any:
+    """``--db`` (a SQLite path or a postgresql:// URL) with the tables of ``*_schema`` created:
+    a SqliteDb or a store_pg.PgDb (imported here: store_pg imports the store, which uses SqliteDb)."""
+    from .store_pg import PgDb, is_postgres_url
+
     if isinstance(db, str) and is_postgres_url(db):
         return PgDb(db, pg_schema, lock_key=_SCHEMA_LOCK)
     return SqliteDb(db, sqlite_schema)

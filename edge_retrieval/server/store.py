@@ -13,7 +13,6 @@ import json
 import logging
 import re
 import sqlite3
-import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from ..protocol import (
     Status,
     utcnow,
 )
+from .side_db import SqliteDb
 
 log = logging.getLogger(__name__)
 
@@ -75,41 +75,30 @@ class ServerStore:
     def __init__(self, path: str | Path, create: bool = True) -> None:
         """``create=False`` for readers: a mistyped path must fail, not leave an empty database."""
         self.path = Path(path).expanduser()
-        self._lock = threading.Lock()
         if not create and not self.path.is_file():
             raise StoreError(f"no server database at {str(self.path)!r} (expected the --db the server writes; "
                              "set --db or $EDGE_RETRIEVAL_DB)")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=15)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._migrate()
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open server database {str(self.path)!r}: {exc}") from exc
+        self._sql = SqliteDb(self.path, _SCHEMA, settings=("PRAGMA synchronous=NORMAL",), prepare=self._migrate)
+        self._db, self._lock = self._sql.conn, self._sql.lock  # upsert_event runs two statements under the lock
 
-    def _migrate(self) -> None:
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
         """Databases written before detections and clips were keyed by (device, event_id): rebuild
         those two tables with the new key, rows kept."""
         for table in ("detections", "clips"):
-            pk = [r[1] for r in self._db.execute(f"PRAGMA table_info({table})") if r[5]]
+            pk = [r[1] for r in db.execute(f"PRAGMA table_info({table})") if r[5]]
             if pk != ["event_id"]:
                 continue
-            cols = ", ".join(r[1] for r in self._db.execute(f"PRAGMA table_info({table})"))
-            self._db.execute(f"ALTER TABLE {table} RENAME TO {table}_v0")
-            self._db.execute("DROP INDEX IF EXISTS detections_received")
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {table}_v0")
-            self._db.execute(f"DROP TABLE {table}_v0")
+            cols = ", ".join(r[1] for r in db.execute(f"PRAGMA table_info({table})"))
+            db.execute(f"ALTER TABLE {table} RENAME TO {table}_v0")
+            db.execute("DROP INDEX IF EXISTS detections_received")
+            db.executescript(_SCHEMA)
+            db.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {table}_v0")
+            db.execute(f"DROP TABLE {table}_v0")
             log.info("server database: %s now keyed by (device, event_id)", table)
 
     def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
-        try:
-            with self._lock:
-                return self._db.execute(sql, args)
-        except sqlite3.Error as exc:
-            raise StoreError(f"server database {str(self.path)!r}: {exc}") from exc
+        return self._sql.exec(sql, args)
 
     # ------------------------------------------------------------------ detections
 
@@ -320,11 +309,7 @@ class ServerStore:
         return out
 
     def close(self) -> None:
-        with self._lock:
-            try:
-                self._db.close()
-            except sqlite3.Error:
-                pass
+        self._sql.close()
 
 
 
