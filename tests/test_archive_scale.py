@@ -67,7 +67,7 @@ def test_v1_index_is_refused_then_migrated_and_search_equals_the_v1_scan(tmp_pat
             q = _query(rng, nnz=64 if j % 2 else 7)
             filt = [{}, {"site": "b"}, {"since": 1.7e9 + 20 * 3600 + 3, "until": 1.7e9 + 70 * 3600}][j % 3]
             want = old.search(q, top=15, **filt)
-            got = index.search(q, top=15, **filt)
+            got = index.search(q, top=15, cosine=False, **filt)  # the v1 index ranked by the dot
             assert [(h.path, h.offset_s) for h in got] == [(p, o) for _, p, o, _, _ in want]
             assert np.allclose([h.score for h in got], [s for s, *_ in want], atol=1e-5)
             assert all(h.site == "b" for h in got) or "site" not in filt
@@ -236,3 +236,31 @@ def test_window_scores_and_cosine_search_over_shards_equal_a_numpy_reference(tmp
                             for fs in index.window_scores(queries[:1], cosine=True) for i in range(fs.offsets.size)),
                            key=lambda t: (-t[0], t[1], t[2]))
             assert [(h.path, h.offset_s) for h in hits] == [(p, o) for _, p, o in every[:5]]
+
+
+def test_cosine_ranks_the_window_most_about_the_query_first(tmp_path: Path) -> None:
+    """Text search ranks by cosine (issue 11's archive queries, chosen on the dev archive): a window
+    loud on the query's label *and* on everything else (a chainsaw for "engine") loses to one that
+    holds mostly the query's label; the dot product (detection's score) ranks them the other way.
+    Both rankings equal numpy over each window's stored top-64."""
+    rng = np.random.default_rng(3)
+    n = 200
+    idx = np.stack([rng.choice(np.arange(1, DIM), 64, replace=False) for _ in range(n)]).astype(np.uint16)
+    p = (0.05 * rng.random((n, 64))).astype(np.float16)
+    idx[0, 0], p[0, 0], p[0, 1:] = 0, 0.9, 0.8   # loud on label 0 and on 63 others
+    idx[1, 0], p[1, 0] = 0, 0.5                  # mostly label 0
+    b = ShardBuilder({"lab": {"kind": "top", "dim": DIM, "k": 64}})
+    b.add_windows(ShardFile("/a.wav", 1, 1, float(n), 8000, None, None, None, n), np.arange(float(n)),
+                  top={"lab": (idx, p)}, dense={})
+    shard = Shard(tmp_path / b.write(tmp_path))
+    q = np.zeros(DIM, np.float32)
+    q[[0, int(idx[5, 3])]] = [0.9, 0.1]
+    dense = np.zeros((n, DIM), np.float32)
+    np.put_along_axis(dense, idx.astype(np.int64), p.astype(np.float32), axis=1)
+    dot = dense @ q
+    cos = dot / (np.linalg.norm(dense, axis=1) * np.linalg.norm(q))
+    for cosine, ref in ((False, dot), (True, cos)):
+        got = shards_mod.search_shards([shard], [None], ("lab",), (q,), (1.0,), 5, cosine=cosine)[:5]
+        assert [c.row for c in got] == list(np.argsort(-ref, kind="stable")[:5])
+        assert np.allclose([c.score for c in got], np.sort(ref)[::-1][:5], atol=1e-3)
+    assert np.argmax(dot) == 0 and np.argmax(cos) == 1

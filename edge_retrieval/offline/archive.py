@@ -532,37 +532,22 @@ class ArchiveIndex:
         since: float | None = None,
         until: float | None = None,
         site: str | None = None,
-        cosine: bool = False,
+        cosine: bool = True,
         nprobe: int = 32,
     ) -> list[Hit]:
         """Best ``top`` windows for one query. Date filters keep windows whose absolute start is in
         [since, until) and so drop files with no known start time; ``site`` matches exactly.
-        Ties rank by file path, then offset. ``cosine`` scores labels windows by the cosine of
-        their probabilities with the query (search by example: the nearest sound, not the loudest
-        on the example's labels); it scores every window exactly (no posting-list shortcut)."""
+        Ties rank by file path, then offset. ``cosine`` (the default) ranks labels windows by the
+        cosine of their stored probabilities with the query: the windows most *about* the query,
+        not the loudest on its labels (docs/architecture.md, "Scores"); ``cosine=False`` ranks by
+        the detection score (the dot product), through the threshold algorithm."""
         self._check_queries([queries])
         wlen = self.window_s()
-        if cosine:
-            heap: list[tuple[float, str, float, float | None, str | None]] = []
-            for fs in self.window_scores([queries], since, until, site, cosine=True):
-                sel = np.flatnonzero(fs.keep)
-                if sel.size == 0:
-                    continue
-                sc = fs.scores[sel, 0]
-                if sel.size > top:
-                    part = np.argpartition(-sc, top - 1)[:top]
-                    sel, sc = sel[part], sc[part]
-                heap.extend((float(v), fs.path, float(fs.offsets[i]), fs.start, fs.site)
-                            for v, i in zip(sc, sel, strict=True))
-                heap.sort(key=lambda h: (-h[0], h[1], h[2]))
-                del heap[top:]
-            return [Hit(v, path, off, wlen, iso_utc(start + off) if start is not None else None, fsite)
-                    for v, path, off, start, fsite in heap]
         self.flush()
         tables = list(self._file_tables().values())
         masks = [t.window_mask(since, until, site) for t in tables]
         cands = search_shards([t.shard for t in tables], masks, queries.experts, queries.vectors, queries.weights,
-                              top, nprobe=nprobe)
+                              top, nprobe=nprobe, cosine=cosine)
         hits = []
         for c in cands:
             shard = tables[c.shard].shard

@@ -320,8 +320,21 @@ class Shard:
         p = tp[rows].astype(np.float32)
         out = (p * q.astype(np.float32)[tidx[rows]]).sum(axis=1)
         if cosine:
-            out /= np.maximum(np.linalg.norm(p, axis=1) * float(np.linalg.norm(q)), 1e-12)
+            out /= np.maximum(self.row_norms(expert)[rows] * float(np.linalg.norm(q)), 1e-12)
         return out
+
+    def row_norms(self, expert: str) -> np.ndarray:
+        """L2 norm [windows] float32 of each window's stored top-k probabilities (cosine ranking),
+        computed once per shard in blocks (a million windows: 4 MB kept, 16 MB at a time)."""
+        key = f"{expert}.norm"
+        a = self._arrays.get(key)
+        if a is None:
+            tp = self._array(f"{expert}.top_p.npy")
+            a = np.empty(self.n, np.float32)
+            for s in range(0, self.n, _CHUNK):
+                a[s:s + _CHUNK] = np.linalg.norm(tp[s:s + _CHUNK].astype(np.float32), axis=1)
+            self._arrays[key] = a
+        return a
 
     def _array(self, name: str) -> np.ndarray:
         """A column as a plain ndarray over the memory map, opened once per shard (slicing an
@@ -381,6 +394,7 @@ def search_shards(
     weights: Sequence[float],
     top: int,
     nprobe: int = 32,
+    cosine: bool = False,
 ) -> list[Candidate]:
     """The best ``top`` windows over all shards (by score; ties by shard order, then row).
 
@@ -388,7 +402,10 @@ def search_shards(
     posting lists; a query whose only expert is dense uses a shard's IVF-PQ for candidates, then
     exact inner products; a mixture is scored exactly for every expert. A labels query is
     answered by the threshold algorithm (``Shard.labels_top``), falling back to a scan of its
-    posting lists when fewer rows than ``top`` score above zero."""
+    posting lists when fewer rows than ``top`` score above zero. ``cosine`` divides each labels
+    expert's score by the norms of the window's stored top-k and of the query (the ranking of
+    text and example searches, docs/architecture.md "Scores"); its bound is not the threshold
+    algorithm's, so those queries scan their posting lists."""
     wsum = float(sum(weights)) or 1.0
     out: list[Candidate] = []
     single_dense = len(experts) == 1
@@ -402,7 +419,7 @@ def search_shards(
             if q.size != int(spec["dim"]):
                 raise QueryRejected(f"query vector for {e!r} has dimension {q.size}, index has {spec['dim']}")
         found = None
-        if single_dense and shard.experts[experts[0]]["kind"] == "top":
+        if single_dense and shard.experts[experts[0]]["kind"] == "top" and not cosine:
             scored = [c.score for c in out]
             scale = weights[0] / wsum or 1.0
             floor = float(np.partition(scored, len(scored) - top)[len(scored) - top]) / scale \
@@ -419,7 +436,12 @@ def search_shards(
         else:
             total = np.zeros(shard.n, np.float32)
             for e, q, w in zip(experts, vectors, weights, strict=True):
-                s = shard.labels_scores(e, q) if shard.experts[e]["kind"] == "top" else shard.dense_scores(e, q)
+                if shard.experts[e]["kind"] == "top":
+                    s = shard.labels_scores(e, q)
+                    if cosine:
+                        s /= np.maximum(shard.row_norms(e) * float(np.linalg.norm(q)), 1e-12)
+                else:
+                    s = shard.dense_scores(e, q)
                 total += (w / wsum) * s
             rows = np.arange(shard.n) if mask is None else np.flatnonzero(mask)
             scores = total if mask is None else total[rows]

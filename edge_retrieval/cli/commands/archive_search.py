@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--since", default=None, help="only windows at or after this UTC date/time (YYYY-MM-DD[THH:MM])")
     p.add_argument("--until", default=None, help="only windows before this date/time (a bare date includes that day)")
     p.add_argument("--site", default=None, help="only recordings of this site")
+    p.add_argument("--rank", choices=("cosine", "dot"), default="cosine",
+                   help="cosine (default): the windows most about the query; dot: the detection score, "
+                        "which favours windows loud on the query's labels whatever else they hold")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -64,8 +67,9 @@ def main(args: argparse.Namespace) -> int:
                 spans = temporal_search(index, bundle, tq, top=args.top, since=since, until=until, site=args.site)
                 return _print_spans(args, tq.describe(), spans)
             query = text_queries(bundle, [args.text])[0]
+        # an example is always matched by cosine (the nearest sound: README, "Query by example")
         hits = index.search(query, top=args.top, since=since, until=until, site=args.site,
-                            cosine=args.audio is not None)
+                            cosine=args.audio is not None or args.rank == "cosine")
         stats = index.stats()
     if not hits and (since is not None or until is not None) and not stats["timed_files"]:
         raise ConfigError(
