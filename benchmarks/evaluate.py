@@ -26,6 +26,7 @@ from ..offline.retrieval import (
     FileEmbedder,
     QueryVectors,
     clip_scores,
+    is_labels_expert,
     query_matrix,
     text_queries,
     window_scores,
@@ -63,13 +64,16 @@ def score_matrix(
     threads: int = 1,
     progress: Callable[[Iterable[int], int, str], Iterable[int]] | None = None,
     temporal: list[tuple[int, int, TemporalQuery]] | None = None,
+    rank: str = "dot",
 ) -> np.ndarray:
     """[queries, items] clip scores; each clip is embedded once and scored against all queries.
+    ``rank`` "cosine" scores labels experts as archive search ranks (``retrieval.window_scores``).
 
     ``temporal`` (part A's row, part B's row, query) replaces row A by the temporal score: the
     best pair of windows of A and B in the relation (``offline.temporal_search.best_pairs``).
     """
     mats = {e: query_matrix(queries, e) for e in bundle.manifest.expert_names}
+    cosine = [e for e in mats if rank == "cosine" and is_labels_expert(bundle.manifest, e)]
     emb = FileEmbedder(bundle, threads=threads)
     window_s = max(e.window_s for e in bundle.manifest.device.experts)
     out = np.zeros((len(queries), len(ds.items)), np.float32)
@@ -79,9 +83,9 @@ def score_matrix(
     for j in cols:
         fv = emb.embed_file(ds.items[j].path)
         if not temporal:
-            out[:, j] = clip_scores(fv, mats)
+            out[:, j] = clip_scores(fv, mats, cosine)
             continue
-        w = window_scores(fv, mats)
+        w = window_scores(fv, mats, cosine)
         out[:, j] = w.max(axis=0)
         for a, b, tq in temporal:
             pairs = best_pairs(fv.offsets_s, w[:, a], w[:, b], window_s, tq)
@@ -118,6 +122,7 @@ def temporal_plan(texts: list[str]) -> tuple[list[str], list[tuple[int, int, Tem
 def evaluate_bundle(
     bundle: Bundle, ds: Dataset, threads: int = 1, n_boot: int = 0, seed: int = 0,
     progress: Callable[[Iterable[int], int, str], Iterable[int]] | None = None, temporal: bool = False,
+    rank: str = "dot",
 ) -> EvalResult:
     texts = [q.text for q in ds.queries]
     plan: list[tuple[int, int, TemporalQuery]] = []
@@ -126,7 +131,7 @@ def evaluate_bundle(
         print(f"edge-retrieval evaluate: {len(plan)} temporal caption(s)"
               + (f", {bad} with relation words that do not parse, scored as plain" if bad else ""), file=sys.stderr)
     queries = text_queries(bundle, texts)
-    scores = score_matrix(bundle, ds, queries, threads, progress, plan)[: len(ds.queries)]
+    scores = score_matrix(bundle, ds, queries, threads, progress, plan, rank)[: len(ds.queries)]
     return evaluate_scores(scores, ds, str(bundle.root), bundle.manifest.name, n_boot, seed)
 
 
@@ -252,6 +257,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads")
     p.add_argument("--per-query", type=Path, default=None, metavar="CSV", help="write each query's rank and AP@10")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--rank", choices=("dot", "cosine"), default="dot",
+                   help="clip scores: dot (default; the detection score) or cosine (as `search` ranks labels windows)")
     p.add_argument("--temporal", action="store_true",
                    help="read captions with a relation ('A followed by B', 'A while B') as temporal queries: "
                         "a clip scores its best pair of part windows in that relation")
@@ -275,13 +282,15 @@ def main(args: argparse.Namespace) -> int:
 
         return tqdm(it, total=total, unit="clip", desc=name, file=sys.stderr)
 
-    res = [evaluate_bundle(b, ds, args.threads, args.bootstrap, args.seed, progress, args.temporal) for b in bundles]
+    res = [evaluate_bundle(b, ds, args.threads, args.bootstrap, args.seed, progress, args.temporal, args.rank)
+           for b in bundles]
     if len(res) == 2 and res[0].name == res[1].name:
         res[1].name += " (2)"
     paired = None
     if len(res) == 2 and args.bootstrap > 0:
         paired = paired_bootstrap((res[0].first, res[0].ap), (res[1].first, res[1].ap), n=args.bootstrap, seed=args.seed)
     obj = result_json(ds, res, paired)
+    obj["rank"] = args.rank
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")

@@ -129,7 +129,9 @@ def test_right_category_ranks_first_for_11_of_12_fixed_queries(archive: Path, bu
 
 def test_evaluate_on_the_fixture(archive: Path, bundle: Bundle, fixture_clips: dict[str, list[Path]],
                                  tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Every clip of the fixture is a candidate; each fixed query's relevant set is its category."""
+    """Every clip of the fixture is a candidate; each fixed query's relevant set is its category.
+    With ``--rank cosine`` evaluate scores clips as search ranks windows, so its R@1 is the
+    archive's top-1 (up to the index's float16 storage: one query may differ)."""
     ds = tmp_path / "fixture_queries.csv"
     with open(ds, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -138,7 +140,7 @@ def test_evaluate_on_the_fixture(archive: Path, bundle: Bundle, fixture_clips: d
             for p in paths:
                 w.writerow([f"{cat}/{p.name}", FIXED_QUERIES.get(cat, ""), cat])
     rc = cli(["evaluate", "--bundle", str(bundle.root), "--dataset", str(ds), "--audio-dir", str(archive),
-              "--json", "--bootstrap", "200", "--quiet"])
+              "--json", "--bootstrap", "200", "--quiet", "--rank", "cosine"])
     out = capsys.readouterr().out
     assert rc == 0
     obj = json.loads(out)
@@ -149,3 +151,6 @@ def test_evaluate_on_the_fixture(archive: Path, bundle: Bundle, fixture_clips: d
     chance = sum(s / n_items for s in sizes) / len(sizes)
     assert obj["queries"] == len(sizes)
     assert obj["R@1"] >= min(1.0, 2 * chance) and obj["R@10"] >= obj["R@1"]
+    assert obj["rank"] == "cosine"
+    top1, _, _ = _archive_top1(archive, bundle, fixture_clips)
+    assert abs(obj["R@1"] - top1) <= 1 / len(sizes) + 1e-9, (obj["R@1"], top1)

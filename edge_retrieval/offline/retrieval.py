@@ -9,7 +9,7 @@ ranking metrics over those scores are in ``offline.metrics``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,22 +158,43 @@ def query_matrix(queries: Sequence[QueryVectors], expert: str) -> tuple[np.ndarr
     return mat.astype(np.float32), np.asarray(ws, np.float32)
 
 
-def clip_scores(fv: FileVectors, mats: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """Scores of one clip for all queries: max over windows of sum_e w_e * (V_e @ q_e) -> [Q]."""
-    return window_scores(fv, mats).max(axis=0)
+def clip_scores(fv: FileVectors, mats: dict[str, tuple[np.ndarray, np.ndarray]],
+                cosine: Collection[str] = ()) -> np.ndarray:
+    """Scores of one clip for all queries: max over windows of ``window_scores`` -> [Q]."""
+    return window_scores(fv, mats, cosine).max(axis=0)
 
 
-def window_scores(fv: FileVectors, mats: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """Scores of every window of one clip for all queries: sum_e w_e * (V_e @ q_e) -> [N, Q]."""
+def window_scores(fv: FileVectors, mats: dict[str, tuple[np.ndarray, np.ndarray]],
+                  cosine: Collection[str] = ()) -> np.ndarray:
+    """Scores of every window of one clip for all queries: sum_e w_e * (V_e @ q_e) -> [N, Q].
+
+    Experts named in ``cosine`` (labels experts) score as archive search ranks: the cosine of the
+    window's top ``TOP_LABELS`` probabilities (what the index stores) with the query."""
     total = None
     for name, (mat, w) in mats.items():
         if mat.shape[0] == 0:
             continue
-        s = (fv.vectors[name] @ mat) * w  # [N, Q]
+        x = fv.vectors[name]
+        if name in cosine:
+            x = top_rows(x, TOP_LABELS)
+            norms = np.linalg.norm(x, axis=1, keepdims=True) * np.linalg.norm(mat, axis=0, keepdims=True)
+            s = (x @ mat) / np.maximum(norms, 1e-12) * w
+        else:
+            s = (x @ mat) * w  # [N, Q]
         total = s if total is None else total + s
     if total is None:
         raise QueryRejected("no query vector matches an expert of this bundle")
     return total
+
+
+def top_rows(x: np.ndarray, k: int) -> np.ndarray:
+    """Each row with all but its ``k`` largest entries set to 0 (as a labels index stores it)."""
+    if x.shape[1] <= k:
+        return x
+    keep = np.argpartition(-x, k - 1, axis=1)[:, :k]
+    out = np.zeros_like(x)
+    np.put_along_axis(out, keep, np.take_along_axis(x, keep, axis=1), axis=1)
+    return out
 
 
 def fmt_offset(seconds: float) -> str:
