@@ -163,13 +163,16 @@ def test_threshold_algorithm_equals_a_full_scan_over_several_shards(tmp_path: Pa
         b.add_windows(ShardFile(f"/{s}.wav", 1, 1, float(n), 8000, None, None, None, n), np.arange(float(n)),
                       top={"lab": (idx, p)}, dense={})
         shards.append(Shard(tmp_path / b.write(tmp_path)))
-    for j in range(10):
+    for j in range(20):
         q = _query(rng, nnz=64 if j % 2 else 5).vectors[0]
-        masks = [None] * 3 if j < 5 else [rng.random(20_000) < 0.3 for _ in range(3)]
-        got = shards_mod.search_shards(shards, masks, ("lab",), (q,), (1.0,), 10)[:10]
+        masks = [None] * 3 if j % 10 < 5 else [rng.random(20_000) < 0.3 for _ in range(3)]
+        cosine = j >= 10  # search's default ranking: the cosine's own bound
+        got = shards_mod.search_shards(shards, masks, ("lab",), (q,), (1.0,), 10, cosine=cosine)[:10]
         full = []
         for si, (sh, m) in enumerate(zip(shards, masks, strict=True)):
             sc = sh.labels_scores("lab", q)
+            if cosine:
+                sc = sc / (sh.row_norms("lab") * np.linalg.norm(q))
             full.extend((float(sc[r]), si, int(r)) for r in range(sh.n) if m is None or m[r])
         full.sort(key=lambda t: (-t[0], t[1], t[2]))
         assert [(c.shard, c.row) for c in got] == [(si, r) for _, si, r in full[:10]]
