@@ -34,6 +34,7 @@ from edge_retrieval.offline.retrieval import (
     FileEmbedder,
     FileVectors,
     clip_scores,
+    is_labels_expert,
     query_matrix,
     text_queries,
 )
@@ -78,11 +79,13 @@ def bundle_vectors(bundle: Bundle, files: list[Path], max_s: float, cache: Path,
     return out
 
 
-def bundle_scores(bundle: Bundle, texts: list[str], vectors: list[FileVectors]) -> np.ndarray:
-    """[queries, clips]: each text through the bundle's text side, clip score = max over windows."""
+def bundle_scores(bundle: Bundle, texts: list[str], vectors: list[FileVectors], rank: str = "dot") -> np.ndarray:
+    """[queries, clips]: each text through the bundle's text side, clip score = max over windows
+    (``rank`` "cosine": labels experts scored as archive search ranks)."""
     queries = text_queries(bundle, texts)
     mats = {e: query_matrix(queries, e) for e in bundle.manifest.expert_names}
-    return np.stack([clip_scores(fv, mats) for fv in vectors], axis=1)
+    cosine = [e for e in mats if rank == "cosine" and is_labels_expert(bundle.manifest, e)]
+    return np.stack([clip_scores(fv, mats, cosine) for fv in vectors], axis=1)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -107,10 +110,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for b in args.bundle:
         bundle = load_bundle(b, part="all")
         rows[f"{bundle.manifest.name} ({b.name})"] = bundle_scores(
-            bundle, q.texts, bundle_vectors(bundle, files, args.max_clip_s, cache, args.threads))
+            bundle, q.texts, bundle_vectors(bundle, files, args.max_clip_s, cache, args.threads), args.rank)
     base = prep["base"]
     base_name = f"BirdNET label bridge ({base.manifest.name})"
-    rows[base_name] = bundle_scores(base, q.texts, bundle_vectors(base, files, args.max_clip_s, cache, args.threads))
+    rows[base_name] = bundle_scores(base, q.texts, bundle_vectors(base, files, args.max_clip_s, cache, args.threads),
+                                    args.rank)
     rows[f"caption-kNN (k={k_best})"] = knn.scores(target, q, k_best)
 
     ref = next(iter(rows))
@@ -121,6 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                for name in rows}
     paired = {name: paired_bootstrap(ranked[name], ranked[ref], n=args.boot, seed=args.seed) for name in rows if name != ref}
     return {"data": str(args.data), "data_sha256": prep["data_sha256"], "split": args.split, "seed": args.seed,
+            "rank": args.rank,
             "clips": len(target.clips), "queries": len(q.texts), "queries_speech": int(q.speech.sum()),
             "caption_knn_dev_mAP": dev_map, "reference": ref, "results": results, "paired_vs_reference": paired,
             "relevance": "one query per distinct caption; relevant = clips of the same caption_class() (export/train.py)"}
@@ -153,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-missing", action="store_true")
     p.add_argument("--bundle", type=Path, action="append", required=True, help="bundle to score (repeatable)")
     p.add_argument("--split", choices=["dev", "val"], default="dev")
+    p.add_argument("--rank", choices=["dot", "cosine"], default="dot",
+                   help="clip scores of the bundle rows: dot (detection score) or cosine (as search ranks)")
     p.add_argument("--boot", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path)
