@@ -6,8 +6,6 @@ import importlib.util
 import os
 import tempfile
 
-import pytest
-
 # onnxruntime's optimised-model cache (edge_retrieval.pipeline.expert): keep the suite's models out of the
 # user's ~/.cache; subprocesses inherit it. A caller's own setting wins.
 os.environ.setdefault("EDGE_RETRIEVAL_ORT_CACHE", tempfile.mkdtemp(prefix="er-ort-cache-"))
@@ -25,24 +23,14 @@ pytest_plugins = [
 ]
 
 
-# A native crash (a C library's abort or segfault) kills pytest before it can report. With
-# EDGE_RETRIEVAL_TEST_TRAIL set (scripts/test.sh sets it), each test's id is written to that file as
-# it starts, and faulthandler writes every thread's Python stack there: scripts/test.sh prints both
-# when pytest dies by a signal.
+# A native crash kills pytest before it can report, and a Python fatal error's message goes to the
+# stderr pytest captures. With EDGE_RETRIEVAL_TEST_TRAIL set (scripts/test.sh sets it), each test's
+# id is written to that file as it starts, so test.sh can name the test that was running; the
+# stacks of a crash by signal come from pytest's own faulthandler plugin, on the real stderr.
 _TRAIL = os.environ.get("EDGE_RETRIEVAL_TEST_TRAIL")
-_trail_file = None
-
-
-@pytest.hookimpl(trylast=True)  # after pytest's own faulthandler plugin, which would take it back
-def pytest_configure(config) -> None:  # noqa: ANN001
-    global _trail_file
-    if _TRAIL:
-        import faulthandler
-
-        _trail_file = open(_TRAIL, "a", buffering=1)  # noqa: SIM115  # held for the whole session
-        faulthandler.enable(file=_trail_file, all_threads=True)
 
 
 def pytest_runtest_logstart(nodeid: str, location: object) -> None:
-    if _trail_file is not None:
-        _trail_file.write(f"running {nodeid}\n")
+    if _TRAIL:
+        with open(_TRAIL, "w") as f:  # only the latest test matters
+            f.write(nodeid)
