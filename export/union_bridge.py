@@ -49,6 +49,15 @@ MIN_EXPERT_WEIGHT = 0.05  # under 5 % of the mass an expert cannot lift a score 
 # category): mean AP 0.767 with share 0 (YAMNet alone), 0.822 / 0.852 / 0.843 with 0.25 / 0.5 / 0.75,
 # 0.728 with 1 (BirdNET alone); mean ROC AUC best at 0.5 too (0.972): the mix beats either expert.
 BIRD_SHARE = 0.5
+# A class hands this share of its query weight to its direct children in the AudioSet ontology
+# (runtime doc). Fixture DEV half, a grid fixed beforehand (share 0 / 0.25 / 0.5, to the direct
+# children or to every descendant; scripts/tune_defaults.py's measures, each grid point's queries
+# scored in one pass): detection F1 by 2-fold CV within dev 0.588 / children 0.595, 0.611 /
+# descendants 0.595, 0.607; dev archive top-1 (cosine, 12 fixed queries) 10 / 10, 11 / 10, 11;
+# captions dev split (cosine) R@10 0.336 -> 0.343, mAP@10 0.115 -> 0.117 with children at 0.5.
+CHILD_SHARE = 0.5
+CHILD_SHARE_BASIS = ("fixture dev half: CV F1 0.588 -> 0.611, dev archive top-1 10 -> 11 of 12, captions dev "
+                     "mAP@10 0.115 -> 0.117 (grid 0 / 0.25 / 0.5, children or all descendants; export/union_bridge.py)")
 
 # Generic animal groups: BirdNET's group output takes ``share`` of its YAMNet counterparts' mass.
 # Counterparts are the GENERIC AudioSet classes of the group only: a bird type (Owl, Crow, Pigeon)
@@ -156,7 +165,32 @@ def build_union_index(encoder: Any, labels: Mapping[str, Sequence[str]],
         label_kind=np.asarray(kinds, np.int64), kind_names=kinds_all,
         proto_vectors=encoder.encode([a for _, a in protos]), proto_kind=np.asarray([k for k, _ in protos], np.int64),
     )
-    return UnionIndex(li, np.asarray(experts, np.int64), np.asarray(roles, np.int64), names, list(labels))
+    ptr, ch = class_children(labels)
+    return UnionIndex(li, np.asarray(experts, np.int64), np.asarray(roles, np.int64), names, list(labels), ptr, ch)
+
+
+def class_children(labels: Mapping[str, Sequence[str]], audioset_csv: Path | None = None,
+                   ontology: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The union's hierarchy as CSR (child_ptr [U + 1], child_idx): each YAMNet class's direct
+    children in the AudioSet ontology that are YAMNet classes too; BirdNET's labels have none."""
+    children: list[list[int]] = []
+    offset = 0
+    for name, labs in labels.items():
+        if name != "yamnet":
+            children += [[] for _ in labs]
+            offset += len(labs)
+            continue
+        rows = audioset_labels.read_label_texts(audioset_csv or audioset_labels.DATA_CSV, len(labs))
+        nodes = audioset_labels.read_ontology(ontology or audioset_labels.ONTOLOGY_JSON)
+        pos = {r[0]: offset + i for i, r in enumerate(rows)}
+        for mid, *_ in rows:
+            node = nodes.get(mid)
+            children.append(sorted({pos[c] for c in (node.child_ids if node else ()) if c in pos}))
+        offset += len(labs)
+    ptr = np.zeros(len(children) + 1, np.int64)
+    ptr[1:] = np.cumsum([len(c) for c in children])
+    idx = np.asarray([c for cs in children for c in cs], np.int64)
+    return ptr, idx
 
 
 def fit_floors(encoder: Any, index: UnionIndex, quantile: float = 0.95) -> tuple[dict[str, float], str]:
@@ -179,6 +213,8 @@ def union_params(index_file: str, index: UnionIndex, floors: dict[str, float], f
         "encoder": text_onnx, "tokenizer": tokenizer, "index": index_file, "experts": list(index.expert_names),
         "temperature": TEMPERATURE, "kind_temperature": KIND_TEMPERATURE,
         "class_temperature": CLASS_TEMPERATURE, "temperature_basis": TEMPERATURE_BASIS,
+        "child_share": CHILD_SHARE if index.child_ptr is not None and index.child_idx is not None
+        and index.child_idx.size else 0.0, "child_share_basis": CHILD_SHARE_BASIS,
         "fit_floor": floors, "fit_floor_basis": floor_basis,
         "partners": [dict(p) for p in partners if p["expert"] in index.expert_names
                      and set(p["counterparts"]) <= set(index.expert_names)],

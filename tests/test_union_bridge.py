@@ -28,6 +28,7 @@ from edge_retrieval.text.union_bridge import (
     UnionParams,
     apply_partners,
     level_weights,
+    spread_to_children,
 )
 from tests.fixtures_bundles import blocker_prelude
 
@@ -92,8 +93,56 @@ def test_power_tools_go_to_yamnet_power_tool_or_drill(core: UnionCore, text: str
     r = _res(core, text)
     y = _w(r["yamnet"])
     assert r["yamnet"].extra["gate"] > 0.9, {e: x.extra["gate"] for e, x in r.items()}
-    assert _top(r["yamnet"]) in ("Power tool", "Drill") and y.get("Power tool", 0) + y.get("Drill", 0) > 0.9, y
+    # Drill's one child in the ontology, the dental drill, takes half of Drill's weight (child_share)
+    drills = ("Power tool", "Drill", "Dental drill, dentist's drill")
+    assert _top(r["yamnet"]) in drills and sum(y.get(n, 0) for n in drills) > 0.9 and y["Drill"] > 0.4, y
     assert r["birdnet"].extra["mass"] < 0.01  # BirdNET's coarse "Power tools" bin is not used
+
+
+def test_a_class_shares_its_weight_with_its_ontology_children(core: UnionCore) -> None:
+    # "a power tool" names Power tool; YAMNet often scores a drill on Drill (its only child) instead
+    share = core.params.child_share
+    assert share == 0.5 and core.index.child_ptr is not None
+    y = _w(_res(core, "a power tool")["yamnet"])
+    assert abs(y["Power tool"] - y["Drill"]) < 0.02 and y["Power tool"] + y["Drill"] > 0.95, y
+    # Siren's four children (Police car, Ambulance, Fire engine, Civil defense siren) share half of its weight
+    y = _w(_res(core, "a siren")["yamnet"])
+    kids = ("Police car (siren)", "Ambulance (siren)", "Fire engine, fire truck (siren)", "Civil defense siren")
+    assert all(y.get(k, 0) > 0.05 for k in kids) and y["Siren"] < 0.6, y
+    # a leaf keeps its weight: Chainsaw has no children
+    assert _w(_res(core, "chainsaw sound")["yamnet"])["Chainsaw"] > 0.9
+
+
+def test_children_take_their_share_and_keep_the_mass() -> None:
+    # labels 0..4: 0 -> (1, 2), 1 -> (3); 4 has none
+    ptr = np.array([0, 2, 3, 3, 3, 3])
+    idx = np.array([1, 2, 3])
+    w = np.array([0.6, 0.2, 0.0, 0.0, 0.2])
+    out = spread_to_children(w, ptr, idx, 0.5)
+    np.testing.assert_allclose(out, [0.3, 0.1 + 0.15, 0.15, 0.1, 0.2])  # one level, from the weights before
+    assert abs(out.sum() - 1) < 1e-12
+    np.testing.assert_allclose(spread_to_children(w, ptr, idx, 0.0), w)
+
+
+def test_an_index_without_the_hierarchy_refuses_a_child_share(union_files: dict[str, str], tmp_path: Path) -> None:
+    from edge_retrieval.errors import BundleError
+    from edge_retrieval.text.sentence import SentenceEncoder
+
+    index = UnionIndex.load(Path(union_files["index"]))
+    assert index.child_ptr is not None and int(np.diff(index.child_ptr).sum()) == index.child_idx.size > 300
+    old = UnionIndex(index.labels, index.label_expert, index.label_role, index.label_names, index.expert_names)
+    old.save(tmp_path / "old.npz")
+    back = UnionIndex.load(tmp_path / "old.npz")
+    assert back.child_ptr is None
+    params = UnionParams.from_dict(json.loads(Path(union_files["params"]).read_text()))
+    enc = SentenceEncoder(params.encoder, params.tokenizer)
+    with pytest.raises(BundleError, match="hierarchy"):
+        UnionCore(enc, back, params)
+    bad = UnionIndex(index.labels, index.label_expert, index.label_role, index.label_names, index.expert_names,
+                     index.child_ptr, index.child_idx + index.labels.n_labels)
+    bad.save(tmp_path / "bad.npz")
+    with pytest.raises(BundleError, match="child_ptr"):
+        UnionIndex.load(tmp_path / "bad.npz")
 
 
 def test_cow_goes_to_cattle_not_to_any_mammal_or_dog(core: UnionCore) -> None:
@@ -211,7 +260,8 @@ def test_params_are_checked(union_files: dict[str, str]) -> None:
 
     params = json.loads(Path(union_files["params"]).read_text())
     for bad in ({"temperature": 0}, {"class_temperature": 1.5}, {"class_temperature": "warm"}, {"experts": ["birdnet"]}, {"fit_floor": {"birdnet": 0.5}},
-                {"partners": [{**params["partners"][0], "share": 1.5}]}, {"surprise": 1}):
+                {"partners": [{**params["partners"][0], "share": 1.5}]}, {"surprise": 1},
+                {"child_share": 1.0}, {"child_share": -0.1}, {"child_share": "half"}):
         with pytest.raises(BundleError):
             UnionParams.from_dict({**params, **bad})
 

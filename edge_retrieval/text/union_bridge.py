@@ -36,6 +36,14 @@ half on YAMNet's Bird / Bird vocalization / Chirp, tweet / Squawk; "katydids" ->
 insect", half on Insect / Cricket. A YAMNet bird *type* (Owl, Crow) is no counterpart, so "owl
 hooting" does not become "any bird". Shares are manifest parameters, chosen on the dev half.
 
+**Children** (``child_share``, from the ontology's hierarchy, shipped in the index): AudioSet
+is a hierarchy, and YAMNet often scores a sound on its specific class more than on the parent a
+text names ("a power tool" on a drill: Drill high, Power tool low). So each class hands
+``child_share`` of its weight to its direct children among the expert's labels, equally ("a
+power tool" -> Power tool 0.5, Drill 0.5; "a siren" -> Siren, and Police car / Ambulance / Fire
+engine / Civil defense siren), after the partner moves; one level, from the weights before the
+move, so mass is kept. Chosen on the dev half (export/union_bridge.py CHILD_SHARE).
+
 Per expert, the query carries the ``max_labels`` largest weights of its own labels, renormalised
 (sum 1), and a **gate**: the union mass on its labels (an expert under ``min_expert_weight``
 gets 0), read by ``QueryBuilder.expert_weights`` from ``Resolution.extra["gate"]``.
@@ -98,6 +106,8 @@ class UnionParams:
     max_tokens: int = 256
     temperature_basis: str = ""
     class_temperature: float | None = None  # None: ``temperature``
+    child_share: float = 0.0  # of a class's weight handed to its children (the index's hierarchy)
+    child_share_basis: str = ""
     fit_floor_basis: str = ""
     rule: str = ""
     model: str = ""
@@ -118,6 +128,8 @@ class UnionParams:
                 continue
             if not isinstance(t, int | float) or not 0 < t <= 1:
                 raise BundleError(f"union_bridge {name} {t!r} must be in (0, 1]")
+        if not isinstance(p.child_share, int | float) or not 0 <= p.child_share < 1:
+            raise BundleError(f"union_bridge child_share {p.child_share!r} must be in [0, 1)")
         if not 1 <= p.max_labels <= MAX_LABELS:
             raise BundleError(f"union_bridge max_labels {p.max_labels!r} must be in 1..{MAX_LABELS}")
         if len(p.experts) < 2 or len(set(p.experts)) != len(p.experts):
@@ -141,16 +153,22 @@ class UnionIndex:
     label_role: np.ndarray  # [U] CLASS, SPECIES or PARTNER
     label_names: list[str]  # [U] as in each expert's labels file
     expert_names: list[str]
+    # the hierarchy, CSR: the children of label u are child_idx[child_ptr[u]:child_ptr[u + 1]]
+    # (None: an index without one, as written before the hierarchy was shipped)
+    child_ptr: np.ndarray | None = None  # [U + 1]
+    child_idx: np.ndarray | None = None
 
     def save(self, path: Path) -> None:
         li = self.labels
+        tree = {} if self.child_ptr is None else {"child_ptr": self.child_ptr.astype(np.int32),
+                                                  "child_idx": np.asarray(self.child_idx, np.int32)}
         np.savez(
             path,
             alt_vectors=li.alt_vectors.astype(np.float32), alt_label=li.alt_label.astype(np.int32),
             label_kind=li.label_kind.astype(np.int16), kind_names=np.asarray(li.kind_names),
             proto_vectors=li.proto_vectors.astype(np.float32), proto_kind=li.proto_kind.astype(np.int16),
             label_expert=self.label_expert.astype(np.int16), label_role=self.label_role.astype(np.int8),
-            label_names=np.asarray(self.label_names), expert_names=np.asarray(self.expert_names),
+            label_names=np.asarray(self.label_names), expert_names=np.asarray(self.expert_names), **tree,
         )
 
     @classmethod
@@ -158,13 +176,21 @@ class UnionIndex:
         li = LabelIndex.load(path)
         try:
             with np.load(path, allow_pickle=False) as z:
+                tree = ((z["child_ptr"].astype(np.int64), z["child_idx"].astype(np.int64))
+                        if "child_ptr" in z.files else (None, None))
                 idx = cls(li, z["label_expert"].astype(np.int64), z["label_role"].astype(np.int64),
-                          [str(x) for x in z["label_names"]], [str(x) for x in z["expert_names"]])
+                          [str(x) for x in z["label_names"]], [str(x) for x in z["expert_names"]], *tree)
         except (OSError, KeyError, ValueError) as exc:
             raise BundleError(f"union index {str(path)!r} is unreadable: {exc}") from exc
         n = li.n_labels
         if not len(idx.label_expert) == len(idx.label_role) == len(idx.label_names) == n:
             raise BundleError(f"union index {str(path)!r}: per-label arrays differ in length from {n} labels")
+        if idx.child_ptr is not None:
+            ptr, ch = idx.child_ptr, idx.child_idx
+            assert ch is not None
+            if (ptr.shape != (n + 1,) or ptr[0] != 0 or ptr[-1] != ch.size or np.any(np.diff(ptr) < 0)
+                    or (ch.size and (ch.min() < 0 or ch.max() >= n))):
+                raise BundleError(f"union index {str(path)!r}: child_ptr/child_idx do not describe children of its {n} labels")
         return idx
 
     def expert_slice(self, e: int) -> np.ndarray:
@@ -228,6 +254,17 @@ def apply_partners(w: np.ndarray, sim: np.ndarray, moves: list[tuple[int, np.nda
     return w
 
 
+def spread_to_children(w: np.ndarray, child_ptr: np.ndarray, child_idx: np.ndarray, share: float) -> np.ndarray:
+    """Each label with children hands ``share`` of its weight to them, equally (one level: from the
+    weights before the move). Total mass is kept."""
+    n_children = np.diff(child_ptr)
+    moved = np.where(n_children > 0, share * w, 0.0)
+    out = w - moved
+    parents = np.repeat(np.arange(w.size), n_children)
+    np.add.at(out, child_idx, moved[parents] / n_children[parents])
+    return out
+
+
 def top_sparse(w: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(indices, weights) of the ``k`` largest of ``w`` (> 0), renormalised; empty if none."""
     k = min(k, int((w > 0).sum()))
@@ -255,6 +292,9 @@ class UnionCore:
     def __init__(self, encoder: SentenceEncoder, index: UnionIndex, params: UnionParams) -> None:
         if index.expert_names != params.experts:
             raise BundleError(f"union index experts {index.expert_names} differ from params experts {params.experts}")
+        if params.child_share > 0 and index.child_ptr is None:
+            raise BundleError(f"union_bridge child_share {params.child_share} needs the class hierarchy, and this "
+                              "union index has none (re-export the bundle)")
         self.encoder, self.index, self.params = encoder, index, params
         self.slices = [index.expert_slice(e) for e in range(len(params.experts))]
         self.moves = self._moves(params.partners)
@@ -294,6 +334,9 @@ class UnionCore:
         w = level_weights(sim, ksim, li.label_kind, self.index.label_role, p.kind_temperature, p.temperature,
                           self.carriers, class_temperature=ct)
         w = apply_partners(w, sim.astype(np.float64), self.moves, ct)
+        if p.child_share > 0:
+            assert self.index.child_ptr is not None and self.index.child_idx is not None
+            w = spread_to_children(w, self.index.child_ptr, self.index.child_idx, p.child_share)
         mass = {name: float(w[s].sum()) for name, s in zip(p.experts, self.slices, strict=True)}
         gate = {k: (v if v >= p.min_expert_weight else 0.0) for k, v in mass.items()}
         total = sum(gate.values())
