@@ -160,7 +160,7 @@ class ServerStore:
         if since is not None:
             sql += " WHERE d.received >= ?"
             args = (since.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),)
-        sql += " ORDER BY d.received, d.event_id LIMIT ?"
+        sql += " ORDER BY d.received, d.event_id, d.device LIMIT ?"
         rows = self._exec(sql, (*args, limit)).fetchall()
         out = []
         for r in rows:
@@ -192,7 +192,7 @@ class ServerStore:
         if since is not None:
             sql += " AND d.time >= ?"
             args.append(since)
-        rows = self._exec(sql + f" ORDER BY {changed} DESC, d.event_id LIMIT ?", (*args, int(limit))).fetchall()
+        rows = self._exec(sql + f" ORDER BY {changed} DESC, d.event_id, d.device LIMIT ?", (*args, int(limit))).fetchall()
         out = []
         for r in rows:
             d = dict(zip(DETECTION_COLUMNS, r[:-1], strict=True))
