@@ -112,6 +112,43 @@ def test_search_on_the_recordings_folder_points_to_its_index(capsys, tiny_bundle
     one_line_error(rc, err, f"--index {rec / '.edge-retrieval-index'}")
 
 
+def test_commands_find_the_bundle_without_the_flag(capsys, monkeypatch, tiny_bundle, tmp_path) -> None:
+    """explain, run and index: --bundle, else $EDGE_RETRIEVAL_BUNDLE, else the demo's default bundle
+    (named on stderr), else one line with the three ways."""
+    from tests.fixtures_audio import write_scene
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("EDGE_RETRIEVAL_BUNDLE", raising=False)
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    wav = write_scene(rec / "a.wav", [("noise", 2), ("1000", 3)], 32000)
+    default = home / ".cache" / "edge-retrieval" / "bundles" / "default-fp32"
+    for argv in (["explain", "beep"], ["run", "--source", str(wav), "--query", "beep"], ["index", str(rec), "--quiet"]):
+        rc, _, err = cli(capsys, *argv)
+        one_line_error(rc, err, "no bundle", "--bundle DIR", "$EDGE_RETRIEVAL_BUNDLE", f"export default --out {default}")
+    assert not (rec / ".edge-retrieval-index").exists()
+
+    monkeypatch.setenv("EDGE_RETRIEVAL_BUNDLE", str(tiny_bundle.root))
+    rc, out, err = cli(capsys, "explain", "beep", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["space_id"] == tiny_bundle.manifest.space.id and "using the default bundle" not in err
+
+    monkeypatch.delenv("EDGE_RETRIEVAL_BUNDLE")
+    default.parent.mkdir(parents=True)
+    default.symlink_to(tiny_bundle.root, target_is_directory=True)
+    rc, out, err = cli(capsys, "explain", "beep", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["space_id"] == tiny_bundle.manifest.space.id
+    assert f"using the default bundle {default}" in err
+    rc, _, err = cli(capsys, "run", "--source", str(wav), "--query", "beep", "--threshold", "0.5")
+    assert rc == 0 and "summary:" in err and f"using the default bundle {default}" in err, err
+    rc, _, err = cli(capsys, "index", str(rec), "--quiet")
+    assert rc == 0, err
+    assert (rec / ".edge-retrieval-index").is_dir()
+
+
 # --------------------------------------------------------------------------- 5: no --source
 
 

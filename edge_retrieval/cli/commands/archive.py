@@ -14,11 +14,13 @@ from pathlib import Path
 from ...bundle import load_bundle
 from ...errors import ConfigError
 from ...offline.archive import DEFAULT_INDEX_DIR, ArchiveIndex, index_folder
+from .bundle_arg import find_bundle
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", type=Path, help="folder of recordings (searched recursively)")
-    p.add_argument("--bundle", required=True, type=Path, help="model bundle directory")
+    p.add_argument("--bundle", type=Path, default=None,
+                   help="model bundle directory (default $EDGE_RETRIEVAL_BUNDLE, else the demo's default bundle)")
     p.add_argument("--out", type=Path, default=None, help=f"index directory (default DIR/{DEFAULT_INDEX_DIR})")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads (default 1)")
     p.add_argument("--site", default=None, help="site name for every file (default: GUANO Site, else first sub-folder)")
@@ -38,7 +40,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"{str(args.dir)!r} is a file; index takes a folder of recordings "
                           "(put the file in a folder and index that)")
     out = args.out or (args.dir / DEFAULT_INDEX_DIR)
-    bundle = load_bundle(args.bundle, part="device")
+    bundle = load_bundle(find_bundle(args.bundle), part="device")
 
     def progress(items, total):  # noqa: ANN001, ANN202
         if args.quiet or total == 0:

@@ -24,9 +24,10 @@ from ...device.daemon import Daemon
 from ...device.sinks import ListSink, TableSink
 from ...errors import ConfigError, EdgeRetrievalError
 from ...offline.scenes import DETECTION_QUERIES, build_stream, read_fixture, sounds_dir
+from .bundle_arg import default_bundle_dir
 from .run import local_queries, summary_line
 
-DEFAULT_BUNDLE = Path.home() / ".cache" / "edge-retrieval" / "bundles" / "default-fp32"
+DEFAULT_BUNDLE = default_bundle_dir()
 REPO = Path(__file__).resolve().parents[3]
 # demo query -> fixture categories that count as that sound ("dog barking" has none: it should stay quiet)
 DEMO_QUERIES = DETECTION_QUERIES

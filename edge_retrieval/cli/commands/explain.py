@@ -16,11 +16,13 @@ from typing import Any
 from ...bundle import Bundle, load_bundle
 from ...defaults import default_threshold
 from ...errors import QueryRejected
+from .bundle_arg import find_bundle
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("text", help="the query text, e.g. 'chainsaw sound'")
-    p.add_argument("--bundle", type=Path, required=True, help="model bundle directory (with its text side)")
+    p.add_argument("--bundle", type=Path, default=None,
+                   help="model bundle directory with its text side (default $EDGE_RETRIEVAL_BUNDLE, else the demo's default bundle)")
     p.add_argument("--top", type=int, default=10, help="how many labels/weights to show per expert")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -76,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise QueryRejected(f"--top {args.top!r} must be >= 1")
     tq = parse_temporal(args.text)  # a bad temporal text fails here, before the bundle loads
-    bundle = load_bundle(args.bundle, part="all")
+    bundle = load_bundle(find_bundle(args.bundle), part="all")
     qb = QueryBuilder(bundle)
     out: dict[str, Any] = {"text": args.text.strip(), "bundle": bundle.manifest.name, "space_id": bundle.manifest.space.id}
     if tq is None:

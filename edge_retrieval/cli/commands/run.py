@@ -29,12 +29,14 @@ from ...device.sinks import JsonLinesSink, Sink, TableSink
 from ...errors import ConfigError, QueryRejected, SourceError
 from ...policy import PolicyOverlay
 from ...protocol import QueryMessage
+from .bundle_arg import find_bundle
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bundle", type=Path, help="model bundle directory (default: the config's model.bundle)")
+    p.add_argument("--bundle", type=Path, help="model bundle directory (default: the config's model.bundle; without "
+                   "--config, $EDGE_RETRIEVAL_BUNDLE, else the demo's default bundle)")
     p.add_argument("--config", type=Path, help="device config TOML (CLI flags override it)")
     p.add_argument("--source", help="'mic', an audio file (WAV/FLAC/OGG), or '-' for raw PCM on stdin")
     p.add_argument("--realtime", action="store_true", default=None, help="replay a file at real speed")
@@ -286,8 +288,8 @@ def apply_log_level(level: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     err = sys.stderr
-    if args.bundle is None and args.config is None:
-        raise ConfigError("no bundle: pass --bundle DIR (a model bundle directory) or --config FILE")
+    if args.bundle is None and args.config is None:  # no config to name one: $EDGE_RETRIEVAL_BUNDLE or the default
+        args.bundle = find_bundle(None)
     cfg = device_config(args)
     if args.config is not None:
         apply_log_level(cfg.logging.level)
