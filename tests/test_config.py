@@ -167,8 +167,8 @@ def test_example_device_file_validates(files: dict[str, Path]) -> None:
     cfg = load_config(EXAMPLE, overrides=file_overrides(files))
     assert cfg.profile == "raspberry-pi-4"
     assert cfg.device.id == "hedge-north-03" and cfg.device.lat == pytest.approx(52.2053)
-    assert cfg.detection.policy.cooldown_s == 20  # file overrides the profile's 10
-    assert cfg.detection.policy.min_hits == 2  # ...and the profile's other policy keys stay
+    assert cfg.detection.policy.cooldown_s == 20  # the file's own policy key
+    assert cfg.detection.policy.min_hits is None  # the rest falls through to the bundle's tuned policy
     assert cfg.clips.max_mb == 500 and cfg.clips.enabled  # file value + profile value
     assert cfg.mqtt is not None and cfg.mqtt.host == "broker.example.org" and cfg.mqtt.port == 8883
 
@@ -203,12 +203,12 @@ ca = "{files["ca"]}"
     )
     cfg = load_config(p)
     assert cfg.model.threads == 3  # file beats profile (2)
-    assert cfg.windows.overlap == 0.5  # profile value kept
+    assert cfg.windows.max_batch == 2  # profile value kept
     assert cfg.mqtt is not None and cfg.mqtt.port == 18883 and cfg.mqtt.keepalive_s == 30
     cfg2 = load_config(p, overrides={"model": {"threads": 4}, "device": {"groups": ["c"]}})
     assert cfg2.model.threads == 4  # overrides beat the file
     assert cfg2.device.groups == ["c"]  # lists are replaced, not appended
-    assert cfg2.windows.overlap == 0.5
+    assert cfg2.windows.max_batch == 2
 
 
 def test_mqtt_false_drops_the_profiles_broker(files: dict[str, Path]) -> None:
@@ -670,7 +670,7 @@ policy = {{ min_hits = 2, of_windows = 3 }}
     r = cli("config", "show", str(p), "--json")
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
-    assert data["model"]["threads"] == 2 and data["windows"]["overlap"] == 0.5  # from the profile
+    assert data["model"]["threads"] == 2 and data["windows"]["max_batch"] == 2  # from the profile
     assert data["mqtt"]["credentials_file"] == str(files["creds"])
     assert PASSWORD not in r.stdout and PASSWORD not in r.stderr
     r = cli("-vv", "config", "show", str(p))
@@ -683,3 +683,33 @@ policy = {{ min_hits = 2, of_windows = 3 }}
         validate_config(back, check_files=False).model_dump()
         == load_config(p, check_files=False).model_dump()
     )
+
+
+# --------------------------------------------------------------------------- profiles as measured
+
+
+def test_each_profile_runs_a_measured_setting_no_worse_than_the_bundles_own() -> None:
+    """scripts/profile_policies.py measured every profile's overlap + policy on the fixture's dev
+    half with the default bundle's tuned thresholds; a profile edited without re-measuring, or a
+    re-tuned bundle policy, fails here."""
+    import tomllib
+
+    from edge_retrieval.policy import PolicyOverlay, resolve
+
+    res = json.loads((ROOT / "benchmarks" / "results" / "profile_policies_dev.json").read_text())
+    spaces = json.loads((ROOT / "edge_retrieval" / "data" / "default_policy.json").read_text())["spaces"]
+    default = [sid for sid, e in spaces.items() if e["bundle"].startswith("default-")]
+    assert res["space_id"] in default, "measured on another bundle than the shipped default: re-run the script"
+    tuned = PolicyOverlay.model_validate(spaces[res["space_id"]]["policy"])
+    rows = {r["name"]: r for r in res["rows"]}
+    ref = rows["bundle's tuned policy, no overlap"]
+    assert ref["effective_policy"] == resolve(None, tuned).model_dump()
+    assert sorted(res["profiles"]) == PROFILES
+    for name in PROFILES:
+        with open(ROOT / "firmware_config" / "profiles" / f"{name}.toml", "rb") as f:
+            prof = tomllib.load(f)
+        own = prof.get("detection", {}).get("policy")
+        row = rows[res["profiles"][name]]
+        assert row["overlap"] == prof["windows"]["overlap"], name
+        assert row["effective_policy"] == resolve(PolicyOverlay.model_validate(own) if own else None, tuned).model_dump(), name
+        assert row["f1"] >= ref["f1"] - 0.01 and row["false_events_per_stream"] <= ref["false_events_per_stream"] + 1, (name, row)
