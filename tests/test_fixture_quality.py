@@ -45,7 +45,9 @@ def test_clips():
 @pytest.mark.xfail(strict=False, reason="issue 11 targets (recall >= 0.85, precision >= 0.90, absent query silent, "
                    "'a power tool' >= 3/4, 'chainsaw sound' without false events) NOT met by the two-expert "
                    "default: measured recall 0.516, precision 0.800, power tool 2/7, chainsaw 1 false event; "
-                   "'dog barking' fired once; the BirdNET-only bundle had 0.704 / 0.952 on the old query list "
+                   "'dog barking' silent, 2 false engine events (thresholds fitted on three dev orders; "
+                   "before: the same totals, 'dog barking' fired once); even thresholds fitted on the test half "
+                   "itself (one stream order) reach at best 0.677 / 0.840; the BirdNET-only bundle had 0.704 / 0.952 on the old query list "
                    "(README, 'General-sound vocabulary')")
 def test_event_recall_and_precision_on_the_test_half(default_bundle, test_clips, tmp_path) -> None:
     tuned = tuned_for(default_bundle)
