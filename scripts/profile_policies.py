@@ -19,28 +19,19 @@ Usage: .venv/bin/python scripts/profile_policies.py [--bundle DIR] [--seeds 0,1,
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import random
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import numpy as np
+import tomllib
+from tune_defaults import evaluate, f1, score_stream  # same folder: the stream and replay of the tuning
 
 from edge_retrieval.bundle import load_bundle
 from edge_retrieval.cli.commands.demo import DEFAULT_BUNDLE
 from edge_retrieval.defaults import default_policy, default_threshold
-from edge_retrieval.offline.scenes import (
-    DETECTION_QUERIES,
-    build_stream,
-    detect_offline,
-    event_scores,
-    read_fixture,
-    stream_scores,
-    totals,
-)
+from edge_retrieval.offline.scenes import DETECTION_QUERIES, read_fixture, totals
 from edge_retrieval.pipeline.matcher import compile_query
 from edge_retrieval.policy import PolicyOverlay, resolve
 from edge_retrieval.text import QueryBuilder
@@ -115,27 +106,17 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(same)
         profiles[path.stem] = same["name"]
 
-    rate = bundle.manifest.device.experts[0].sample_rate
     results: dict[str, list] = {r["name"]: [] for r in rows}
     for seed in seeds:
-        part = list(clips)
-        random.Random(seed).shuffle(part)
-        x, segs = build_stream(part, rate, seed=seed)
         for ov in sorted({r["overlap"] for r in rows}):
             t0 = time.time()
-            starts, ends, scores = stream_scores(bundle, x, rate, msgs, overlap=ov, threads=args.threads)
-            print(f"profile_policies: order {seed}, overlap {ov:g}: {len(starts)} windows in {time.time() - t0:.0f} s",
+            sc = score_stream(bundle, clips, seed, msgs, args.threads, overlap=ov)
+            print(f"profile_policies: order {seed}, overlap {ov:g}: {len(sc.starts)} windows in {time.time() - t0:.0f} s",
                   file=sys.stderr, flush=True)
             for r in (r for r in rows if r["overlap"] == ov):
-                pol = PolicyOverlay.model_validate(effective(bundle, r["overlay"]))
-                per = {}
-                for i, q in enumerate(compiled):
-                    qq = dataclasses.replace(q, threshold=thresholds[q.query_id])
-                    ev = detect_offline([qq], starts, ends, scores[:, i : i + 1], pol)
-                    per[q.query_id] = event_scores(ev, segs, cats)[q.query_id]
+                per = evaluate(sc, compiled, cats, PolicyOverlay.model_validate(effective(bundle, r["overlay"])), thresholds)
                 rec, prec = totals(per)
-                f1 = 2 * rec * prec / (rec + prec) if rec + prec else 0.0
-                results[r["name"]].append((rec, prec, f1, sum(v["fp"] for v in per.values())))
+                results[r["name"]].append((rec, prec, f1(rec, prec), sum(v["fp"] for v in per.values())))
 
     table = []
     for r in rows:

@@ -130,22 +130,24 @@ def policy_candidates(bundle) -> list[tuple[dict, str]]:  # noqa: ANN001
     return [(pol, mode) for pol in POLICIES if pol["min_hits"] <= sure for mode in MODES]
 
 
-def score_stream(bundle, part: list, seed: int, msgs: list, threads: int) -> Scored:  # noqa: ANN001
-    """The clips of ``part`` shuffled (seeded) in a row with noise gaps, scored once for ``msgs``."""
+def score_stream(bundle, part: list, seed: int, msgs: list, threads: int, overlap: float = 0.0) -> Scored:  # noqa: ANN001
+    """The clips of ``part`` shuffled (seeded) in a row with noise gaps, scored once for ``msgs``
+    (at the bundle's hop, or a finer one with ``overlap``)."""
     part = list(part)
     random.Random(seed).shuffle(part)
     rate = bundle.manifest.device.experts[0].sample_rate
     x, segs = build_stream(part, rate, seed=seed)
-    starts, ends, scores = stream_scores(bundle, x, rate, msgs, threads=threads)
+    starts, ends, scores = stream_scores(bundle, x, rate, msgs, overlap=overlap, threads=threads)
     return Scored(starts, ends, scores, segs, x.size / rate)
 
 
 def _runs(sc: Scored | list[Scored], q, overlay: PolicyOverlay, cats: dict, col: int) -> list:  # noqa: ANN001
     """(threshold, event counts) over the grid; counts summed over the streams of a list."""
+    streams = sc if isinstance(sc, list) else [sc]
     out = []
     for thr in GRID:
         tot = {"tp": 0, "fp": 0, "found": 0, "truth": 0}
-        for one in sc if isinstance(sc, list) else [sc]:
+        for one in streams:
             ev = detect_offline([dataclasses.replace(q, threshold=thr)], one.starts, one.ends,
                                 one.scores[:, col : col + 1], overlay)
             for k, v in event_scores(ev, one.segs, cats)[q.query_id].items():
